@@ -185,17 +185,19 @@ def load_model(
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
     seed: int = 0,
+    scratch: bool = False,
 ) -> PreTrainedModel:
     """Build the causal LM ``name`` with ``config`` (default: its own, from ``load_config``).
 
     Pass a config already changed by ``ropescale.apply`` to get a RoPE-scaled model: scaling happens before the model
-    is built, so the rotary tables are computed once from the saved config. Tiny presets get random weights from
-    ``seed``. Weights are loaded from safetensors only.
+    is built, so the rotary tables are computed once from the saved config. Tiny presets, and any model with
+    ``scratch=True`` (pretraining from scratch), get random weights from ``seed``; otherwise weights are loaded, from
+    safetensors only.
     """
     config = config if config is not None else load_config(name, trust_remote_code=trust_remote_code)
     _check_rope(config, name)
-    src = resolve(name)
-    if src in TINY_PRESETS:
+    src = name if scratch else resolve(name)
+    if scratch or src in TINY_PRESETS:
         config._attn_implementation = attn_implementation
         with torch.random.fork_rng():
             torch.manual_seed(seed)

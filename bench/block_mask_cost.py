@@ -1,0 +1,86 @@
+"""Cost of blocking attention across packed documents on CPU (sdpa), vs plain causal attention.
+
+For each length, one row of ``--docs`` equal documents runs forward + backward through a tiny preset model in three
+ways, each in a fresh process (so peak RSS is its own):
+
+- ``causal``: concat positions, plain causal attention (sdpa ``is_causal``, no mask tensor);
+- ``reset``: positions restart per document, attention not blocked (all-ones mask: also plain causal);
+- ``blocked``: positions restart, attention blocked (transformers builds a [L, L] block-diagonal mask from the
+  position ids, which sdpa then applies with its masked kernel).
+
+Prints median seconds of ``--repeats`` forward+backward passes and peak RSS. Usage:
+
+    python bench/block_mask_cost.py --lengths 2048 4096 8192 --docs 8 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one(model_name: str, length: int, docs: int, way: str, repeats: int, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from data.loader import forward_kwargs
+    from data.pack import row_labels_positions
+    from ropescale.models import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_name).train()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 256, size=(1, length)).astype(np.int32)
+    starts = np.zeros((1, length), bool)
+    starts[0, :: length // docs] = True
+    labels, pos = row_labels_positions(ids, starts, "concat" if way == "causal" else "reset")
+    batch = {"input_ids": torch.from_numpy(ids.astype(np.int64)), "position_ids": torch.from_numpy(pos.astype(np.int64))}
+    kwargs = forward_kwargs(batch, block_cross_doc=way == "blocked")
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        model(**kwargs).logits.float().mean().backward()
+        times.append(time.perf_counter() - t)
+    return {"length": length, "way": way, "seconds": statistics.median(times[1:]),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-llama")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--docs", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args.model, *json.loads(args.one), args.repeats, args.threads)))
+        return
+    print(f"model {args.model}, {args.docs} documents per row, forward+backward, {args.threads} threads, "
+          f"median of {args.repeats}")
+    print(f"{'length':>7} {'way':>8} {'seconds':>8} {'x causal':>8} {'peak RSS GiB':>12}")
+    for length in args.lengths:
+        base = None
+        for way in ("causal", "reset", "blocked"):
+            cmd = [sys.executable, __file__, "--model", args.model, "--repeats", str(args.repeats), "--threads",
+                   str(args.threads), "--one", json.dumps([length, args.docs, way])]
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            base = base or r["seconds"]
+            print(f"{length:>7} {way:>8} {r['seconds']:>8.3f} {r['seconds'] / base:>8.2f} {r['peak_rss_gib']:>12.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

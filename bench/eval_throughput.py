@@ -1,0 +1,179 @@
+"""Perplexity-scoring throughput and loss memory, against a bare forward and the transformers docs' recipe.
+
+    python bench/eval_throughput.py                       # smollm2-135m, 8k window; a few minutes on 2 cores
+    python bench/eval_throughput.py --model tiny-llama --length 2048 --stride 1024
+
+Each measurement runs in its own subprocess, so its peak RSS is its own. Rows:
+
+- ``forward (decoder only)``: the base model's forward, no LM head: the floor for any scoring.
+- ``forward (full logits)``: ``model(input_ids)`` as transformers runs it: the [T, vocab] logits are built.
+- ``score (eval.perplexity)``: our scoring of the same tokens, every token scored: decoder + chunked LM head + NLL.
+- ``sliding, ours`` / ``sliding, transformers docs recipe``: the same text (2 x length tokens) with the same stride;
+  the recipe (transformers' "Perplexity of fixed-length models" page) calls ``model(input_ids, labels=...)`` per
+  window, so it builds full logits and runs the head on unscored positions too.
+- ``loss fwd+bwd, full logits`` / ``loss fwd+bwd, chunked``: the loss alone on the model's real LM head with hidden
+  states that require grad (what training pays for the loss), at the length and at twice it.
+
+tokens/s counts tokens fed to the model (for sliding, overlapping tokens count once per window they are fed in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval.perplexity import plan_windows, score  # noqa: E402
+from ropescale.loss import IGNORE_INDEX, chunked_causal_lm_loss  # noqa: E402
+from ropescale.models import load_model, load_tokenizer  # noqa: E402
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _tokens(name: str, n: int) -> torch.Tensor:
+    from data.corpus import load_corpus
+
+    ids = load_tokenizer(name)(load_corpus("heldout")[0].text, verbose=False).input_ids
+    if len(ids) < n:
+        raise SystemExit(f"error: the held-out text has {len(ids)} tokens, fewer than {n}")
+    return torch.tensor(ids[:n])
+
+
+def hf_recipe(model, ids: torch.Tensor, length: int, stride: int) -> tuple[float, int]:
+    """The transformers docs' sliding-window recipe: full-logits forward with labels per window."""
+    nll_sum, n_scored, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + length, ids.numel())
+        trg_len = end - prev_end
+        inputs = ids[begin:end][None]
+        labels = inputs.clone()
+        labels[:, :-trg_len] = IGNORE_INDEX
+        out = model(input_ids=inputs, labels=labels, use_cache=False)
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels: this many tokens are averaged
+        nll_sum += float(out.loss) * n
+        n_scored += n
+        prev_end = end
+        if end == ids.numel():
+            break
+    return nll_sum, n_scored
+
+
+def one(name: str, args) -> dict:
+    """Run measurement ``name`` in this process; returns seconds, tokens fed, peak RSS above the start."""
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    L = args.length
+    ids = _tokens(args.model, 2 * L)
+    with torch.inference_mode():  # warm-up: first-call allocations and kernel selection, outside the timing
+        model(input_ids=ids[None, :256], use_cache=False)
+    extra = {}
+    if name.startswith("loss"):
+        T = L * (2 if name.endswith("2x") else 1)
+        hidden = torch.randn(1, T, model.config.hidden_size, requires_grad=True)
+        labels = ids[:T][None]
+        head = model.lm_head
+        head.weight.requires_grad_(False)  # the gradient that matters here is the hidden states'
+        base = _rss_mib()
+        t = time.perf_counter()
+        if "full" in name:
+            logits = head(hidden)
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], reduction="sum")
+        else:
+            loss, _ = chunked_causal_lm_loss(hidden, head, labels, chunk_size=args.chunk_size)
+        loss.backward()
+        seconds, fed = time.perf_counter() - t, T
+        extra["length"] = T
+    else:
+        base = _rss_mib()
+        with torch.inference_mode():
+            t = time.perf_counter()
+            if name == "decoder":
+                model.model(input_ids=ids[None, :L], use_cache=False)
+                fed = L
+            elif name == "full_logits":
+                model(input_ids=ids[None, :L], use_cache=False)
+                fed = L
+            elif name == "score":
+                fed = score(model, ids[:L], [(0, L, 1)], chunk_size=args.chunk_size)["forward_tokens"]
+            elif name == "sliding_ours":
+                windows = plan_windows(2 * L, L, args.stride)
+                r = score(model, ids, windows, chunk_size=args.chunk_size)
+                fed, extra["ppl"], extra["windows"] = r["forward_tokens"], float(
+                    torch.tensor(r["nll_sum"] / r["tokens"]).exp()), len(windows)
+            elif name == "sliding_recipe":
+                nll_sum, n = hf_recipe(model, ids, L, args.stride)
+                fed, extra["ppl"] = None, float(torch.tensor(nll_sum / n).exp())
+            seconds = time.perf_counter() - t
+    return dict(name=name, seconds=seconds, fed=fed, peak_mib=_peak_mib() - base, **extra)
+
+
+ROWS = [
+    ("decoder", "forward (decoder only)"),
+    ("full_logits", "forward (full logits)"),
+    ("score", "score (eval.perplexity)"),
+    ("sliding_ours", "sliding, ours"),
+    ("sliding_recipe", "sliding, transformers docs recipe"),
+    ("loss_full", "loss fwd+bwd, full logits"),
+    ("loss_chunked", "loss fwd+bwd, chunked"),
+    ("loss_full_2x", "loss fwd+bwd, full logits"),
+    ("loss_chunked_2x", "loss fwd+bwd, chunked"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--stride", type=int, default=None, help="sliding stride (default: length / 2)")
+    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="comma-separated measurement names (default: all)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    args = ap.parse_args()
+    args.stride = args.stride or args.length // 2
+    if args.one:
+        print(json.dumps(one(args.one, args)))
+        return
+    names = args.only.split(",") if args.only else [n for n, _ in ROWS]
+    print(f"model {args.model}, length {args.length}, stride {args.stride}, chunk {args.chunk_size}, "
+          f"{args.threads} threads, torch {torch.__version__}", flush=True)
+    results = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--length", str(args.length),
+               "--stride", str(args.stride), "--chunk-size", str(args.chunk_size), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        r = results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        label = dict(ROWS)[name] + (f" @{r['length']}" if "length" in r else "")
+        tps = f"{r['fed'] / r['seconds']:9.0f}" if r["fed"] else "        -"
+        ppl = f"  ppl {r['ppl']:.4f} ({r.get('windows', '-')} windows)" if "ppl" in r else ""
+        print(f"{label:42s} {r['seconds']:8.2f} s  {tps} tokens/s  peak +{r['peak_mib']:7.0f} MiB{ppl}",
+              flush=True)
+    if "score" in results:
+        for ref in ("full_logits", "decoder"):
+            if ref in results:
+                extra = results["score"]["seconds"] / results[ref]["seconds"] - 1
+                print(f"scoring vs {dict(ROWS)[ref]}: {extra:+.1%} time")
+    if "sliding_ours" in results and "sliding_recipe" in results:
+        s = results["sliding_recipe"]["seconds"] / results["sliding_ours"]["seconds"]
+        print(f"sliding: the docs recipe takes {s:.2f}x our time on the same windows")
+
+
+if __name__ == "__main__":
+    main()

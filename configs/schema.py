@@ -1,0 +1,259 @@
+"""The run config schema: one pydantic model per YAML section, each field documented.
+
+A YAML file in ``configs/`` mirrors this schema section by section. ``load_run_config(path, overrides)`` reads it,
+applies ``--set section.key=value`` overrides (values parsed as YAML), and validates. Any problem becomes one
+``ConfigError`` line that names the key and, for unknown keys, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str
+    """The base model: a hub id, a local safetensors folder, a .gguf file, `smollm2-135m`, or a tiny preset
+    (`tiny-llama`, `tiny-mistral`, `tiny-qwen2`)."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """`pretrained` loads the weights; `scratch` builds the architecture with random weights (testbed pretraining)."""
+    arch: dict[str, Any] = {}
+    """Config fields overriding the base model's (e.g. num_hidden_layers), mainly for `init: scratch`."""
+    tokenizer: str | None = None
+    """Tokenizer to use instead of the model's own (a name or folder understood by the model loader)."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel; `auto` is flash_attention_2 when installed on a GPU, else sdpa."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off by default: it executes someone else's Python."""
+
+
+class RopeSection(_Section):
+    method: str = "none"
+    """RoPE scaling method, a key of ropescale.methods.ROPE_METHODS (none, linear, ntk_aware, dynamic_ntk,
+    ntk_by_parts, yarn, dynamic_yarn, llama3, longrope, theta)."""
+    factor: float = 1.0
+    """Scale factor s: the target context is s x the model's original context."""
+    params: dict[str, Any] = {}
+    """Method parameters (beta_fast, beta_slow, alpha, beta, attention_factor, low_freq_factor, rope_theta, ...)."""
+    original_len: int | None = None
+    """The model's original context; read from the model config when left empty."""
+    rebase: bool = False
+    """Allow replacing a scaling the base model already carries (computed from its original length, never
+    compounded)."""
+
+    @model_validator(mode="after")
+    def _known_method(self):
+        from ropescale.methods import validate_method
+
+        # The original length is checked against the model when the model config is known (train setup).
+        validate_method(self.method, self.factor, dict(self.params), self.original_len or 1)
+        return self
+
+
+class LoraSection(_Section):
+    enabled: bool = True
+    """LoRA fine-tuning; false trains every weight (full fine-tuning)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Module names that get LoRA adapters."""
+    trainable_extra: list[str] = []
+    """Modules trained in full beside LoRA, e.g. [embed_tokens, norm] (LongLoRA, section 3.3: long-context LoRA
+    needs trainable embeddings and norms)."""
+
+
+class TrainSection(_Section):
+    max_steps: int | None = 100
+    """Optimizer steps to run; with max_tokens the run stops at whichever comes first."""
+    max_tokens: int | None = None
+    """Token budget (tokens seen across all ranks)."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 2e-5
+    """Peak learning rate (YaRN recipe: 2e-5)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (YaRN recipe: 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (YaRN recipe: none)."""
+    warmup_steps: int = 20
+    """Linear warmup steps (YaRN recipe: 20)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """LR after warmup (YaRN recipe: constant)."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (YaRN recipe: 1.0)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto`: bf16 on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16), fp32 elsewhere."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward; works with LoRA (inputs made to require grad)."""
+    loss_chunk_size: int = 1024
+    """Positions per chunk of the lm_head + cross-entropy; the full [seq_len, vocab] logits never exist."""
+    seed: int = 0
+    """Seed for weights (scratch/LoRA init), dropout and data order."""
+    save_every: int = 50
+    """Save a checkpoint every N optimizer steps (and always at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    log_every: int = 1
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set train.max_steps or train.max_tokens")
+        return self
+
+
+class DeepSpeedSection(_Section):
+    config: str = "configs/deepspeed/zero2.json"
+    """DeepSpeed JSON (configs/deepspeed/: zero0-3, offload variants); its `auto` values are filled from this
+    config."""
+
+
+class WandbSection(_Section):
+    enabled: bool = True
+    """Log to Weights & Biases."""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """`auto` is online when WANDB_API_KEY is set (or a login exists), offline otherwise."""
+    project: str = "ropescale"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    name: str | None = None
+    """Run name; defaults to the run folder's name."""
+    group: str | None = None
+    """Run group (sweeps set it to the sweep's name)."""
+    tags: list[str] = []
+    """Run tags."""
+
+
+class EvalSection(_Section):
+    perplexity_lengths: list[int] = []
+    """Lengths for perplexity on the held-out split after training (empty: skip)."""
+    perplexity_mode: Literal["sliding", "truncate"] = "sliding"
+    """Perplexity definition (see eval/perplexity.py)."""
+    stride: int | None = None
+    """Sliding-window stride; default half the length."""
+    passkey_lengths: list[int] = []
+    """Lengths for passkey retrieval (empty: skip)."""
+    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """Relative depths of the key in the prompt."""
+    passkey_trials: int = 2
+    """Trials per (length, depth)."""
+
+
+class OutputSection(_Section):
+    dir: str
+    """The run folder: config.yaml, metrics.jsonl, checkpoints/, adapter/, merged/, eval/."""
+
+
+class RunConfig(_Section):
+    model: ModelSection
+    """The base model."""
+    rope: RopeSection = RopeSection()
+    """The RoPE scaling applied before the model is built."""
+    data: DataConfig
+    """Training data (sources, seq_len, packing mode)."""
+    lora: LoraSection = LoraSection()
+    """LoRA or full fine-tuning."""
+    train: TrainSection = TrainSection()
+    """Optimizer, schedule, precision, checkpoints."""
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    """DeepSpeed engine config."""
+    wandb: WandbSection = WandbSection()
+    """Weights & Biases logging."""
+    eval: EvalSection | None = None
+    """Evaluation of the merged model after training; omitted: no evaluation."""
+    output: OutputSection
+    """Where the run is written."""
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = field.annotation
+        for cand in getattr(sub, "__args__", (sub,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                keys += _all_keys(cand, f"{prefix}{name}.")
+    return keys
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        options = [k for k in _all_keys(RunConfig) if k.startswith(parent) and "." not in k[len(parent):]]
+        close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+        return f"unknown config key '{key}'{hint}"
+    if e["type"] == "missing":
+        return f"missing config key '{key}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}" if key else msg
+
+
+def set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.max_steps=5", "rope.factor=4"]`` -> [(key, YAML-parsed value)]."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. train.max_steps=10), got '{item}'")
+        out.append((key.strip(), yaml.safe_load(value)))
+    return out
+
+
+def validate_run_config(raw: dict) -> RunConfig:
+    """Validate a config dict (already merged with overrides)."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, validate. Raises ConfigError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, rope, data, ...)")
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(raw, key, value)
+    return validate_run_config(raw)

@@ -1,0 +1,249 @@
+"""What every eval command shares: which model to evaluate, with which RoPE method, and where results go.
+
+``--model`` is one of
+- a run folder written by ``train.py`` (it holds ``merged/`` and the resolved ``config.yaml``): the fine-tuned model,
+  with the method and factor it was trained with;
+- a model folder (``config.json`` + safetensors), e.g. a run's ``merged/``;
+- a model name understood by ``ropescale.models`` (``smollm2-135m``, a tiny preset, a hub id).
+
+``--rope METHOD --factor S`` applies a ``ropescale`` method to the model's config before it is built (training-free
+mode); several methods, comma-separated, are evaluated one after the other, each into its own result folder.
+Results go to ``<out>/<slug>/`` (``--out``, default ``results``), one folder per evaluated model, so that passkey and
+perplexity results of one model sit side by side for ``eval.compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class EvalError(ValueError):
+    """Bad eval input; the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class EvalModel:
+    """A loaded model ready to evaluate, and what it is (``info`` goes into every result file)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    info: dict
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """``"4096,8192"`` -> [4096, 8192]; EvalError on anything else."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"{what} must be comma-separated integers, e.g. 4096,8192; got '{text}'") from None
+    if not values or min(values) < 1:
+        raise EvalError(f"{what} must be positive integers, got '{text}'")
+    return values
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The options shared by eval.passkey and eval.perplexity."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True, help="run folder, model folder, or model name (e.g. smollm2-135m)")
+    g.add_argument("--rope", default=None,
+                   help="training-free: RoPE method(s) to apply, comma-separated (none, linear, ntk_aware, "
+                        "dynamic_ntk, ntk_by_parts, yarn, dynamic_yarn, llama3, longrope, theta)")
+    g.add_argument("--factor", type=float, default=None, help="scale factor s for --rope")
+    g.add_argument("--rope-params", default=None, help="method parameters as JSON, e.g. '{\"beta_fast\": 32}'")
+    g.add_argument("--original-len", type=int, default=None, help="the model's original context (default: config)")
+    g.add_argument("--rebase", action="store_true", help="allow --rope on a model that already carries a scaling")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weights and activations dtype (bfloat16 is faster on CPUs with bf16 units; logits "
+                        "are upcast to fp32 either way)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", default="results", help="parent folder of the result folders (default: results)")
+    o.add_argument("--json", action="store_true", help="print the whole result as one JSON object on the last line")
+    o.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def model_variants(args: argparse.Namespace) -> list[dict]:
+    """One dict of apply_rope arguments per method in ``--rope`` (a single ``{}`` when no method is asked)."""
+    if args.rope is None:
+        if args.factor is not None or args.rope_params is not None:
+            raise EvalError("--factor/--rope-params need --rope METHOD")
+        return [{}]
+    try:
+        params = json.loads(args.rope_params) if args.rope_params else None
+    except json.JSONDecodeError as e:
+        raise EvalError(f"--rope-params is not valid JSON ({e.msg}); e.g. '{{\"beta_fast\": 32}}'") from None
+    methods = [m.strip() for m in args.rope.split(",") if m.strip()]
+    if not methods:
+        raise EvalError("--rope needs a method name, e.g. --rope yarn --factor 2")
+    out = []
+    for m in methods:
+        factor = args.factor
+        if factor is None:
+            if m != "none":
+                raise EvalError(f"--rope {m} needs --factor S (the scale factor, e.g. 2)")
+            factor = 1.0
+        out.append(dict(method=m, factor=factor, params=params, original_len=args.original_len, rebase=args.rebase))
+    return out
+
+
+def locate(spec: str) -> dict:
+    """Where ``--model`` points: ``{"load": what to load, "run_dir": run folder or None}``."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "merged").is_dir():
+            if not (path / "merged" / "config.json").is_file():
+                raise EvalError(f"{path}/merged has no config.json; did the run finish exporting its merged model?")
+            return {"load": str(path / "merged"), "run_dir": path}
+        if (path / "config.json").is_file():
+            parent = path.parent
+            run_dir = parent if path.name == "merged" and (parent / "config.yaml").is_file() else None
+            return {"load": str(path), "run_dir": run_dir}
+        raise EvalError(f"{path} is neither a run folder (with merged/) nor a model folder (with config.json)")
+    return {"load": spec, "run_dir": None}
+
+
+def slug(text: str) -> str:
+    """A folder-safe name: ``"tiny-llama/yarn x2"`` -> ``"tiny-llama-yarn-x2"``."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
+
+
+def load_eval_model(spec: str, variant: dict, dtype: str = "float32") -> EvalModel:
+    """Load ``spec`` (see module docstring) with the training-free ``variant`` (``model_variants``) applied.
+
+    ``info``: model (as given), source (run/folder/name), method, factor, fine_tuned, rope_parameters,
+    original_context, dtype, label (for tables), slug (result folder name).
+    """
+    from ropescale.apply import apply_rope, rope_of
+    from ropescale.models import load_config, load_model, load_tokenizer
+
+    where = locate(spec)
+    config = load_config(where["load"])
+    if variant:
+        config = apply_rope(config, variant["method"], variant["factor"], variant["params"],
+                            original_len=variant["original_len"], rebase=variant["rebase"])
+    # Method and factor as the config records them (ropescale's provenance record, else rope_parameters): for a
+    # run folder that is what it was trained with.
+    rope = rope_of(config)
+    model = load_model(where["load"], config=config, dtype=DTYPES[dtype])
+    if rope["method"] == "dynamic_yarn":
+        from ropescale.runtime import enable_dynamic_yarn
+
+        enable_dynamic_yarn(model)
+    tokenizer = load_tokenizer(where["load"])
+    fine_tuned = where["run_dir"] is not None
+    is_dir = Path(spec).expanduser().is_dir()
+    base = (where["run_dir"] or Path(spec).expanduser().resolve()).name if is_dir else spec
+    method, factor = rope["method"], float(rope["factor"])
+    info = dict(
+        model=spec,
+        source="run" if fine_tuned else ("folder" if is_dir else "name"),
+        method=method,
+        factor=factor,
+        fine_tuned=fine_tuned,
+        rope_parameters=_jsonable(dict(config.rope_parameters)),
+        original_context=rope["original_max_position_embeddings"],
+        dtype=dtype,
+        label=f"{method} x{factor:g}" + (" (fine-tuned)" if fine_tuned else ""),
+        slug=slug(f"{base}-{method}-x{factor:g}" + ("-ft" if fine_tuned else "")),
+    )
+    return EvalModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _jsonable(obj):
+    """Config values as plain JSON types (tensors/tuples -> lists)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib Figure as PNG atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+
+
+def length_axis(ax, lengths: list[int]) -> None:
+    """A log2 x axis labelled with the evaluated lengths as plain numbers (4096, not 2^12)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.minorticks_off()
+
+
+def write_json(path: Path, result: dict) -> None:
+    write_atomic(path, json.dumps(result, indent=1, allow_nan=False) + "\n")
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so that stdout's last line can be the --json result."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``"""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_cli(main: Callable[[list[str] | None], dict], argv: list[str] | None = None) -> int:
+    """Run an eval ``main``, turning bad input into one ``error: ...`` line and exit status 2."""
+    from ropescale.models import ModelLoadError
+
+    try:
+        main(argv)
+    except (EvalError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # apply_rope and other library checks raise ValueError subclasses with a fix-it message
+        if type(e) is ValueError:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def each_model(args: argparse.Namespace) -> Iterator[EvalModel]:
+    """Load the model once per ``--rope`` variant, freeing the previous one first."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for variant in model_variants(args):
+        yield load_eval_model(args.model, variant, args.dtype)
+
+
+def emit(results: list[dict], args: argparse.Namespace) -> dict:
+    """The command's result: the one model's result dict, or ``{"results": [...]}`` for several ``--rope`` methods;
+    printed as one JSON line with ``--json``."""
+    result = results[0] if len(results) == 1 else {"results": results}
+    if args.json:
+        print(json.dumps(result, allow_nan=False), flush=True)
+    return result

@@ -1,0 +1,305 @@
+"""Passkey retrieval: can the model repeat a 5-digit number hidden at a given depth of a long, boring prompt?
+
+The prompt is the standard one of the PI, YaRN and LongLoRA evaluations (after Mohtashami & Jaggi's landmark
+attention paper): a task statement, the filler sentence group repeated, the key line at the asked depth, more
+filler, then the question. The filler is repeated as often as fits in ``length - max_new_tokens`` tokens, so prompt
+and answer together stay within ``length``. Depth d puts round(d * n) of the n filler groups before the key line.
+
+Decoding is greedy: one forward over the whole prompt (the prefill), then ``max_new_tokens`` single-token steps with
+the KV cache; the first run of digits in the answer must equal the key exactly. Keys are drawn from a seeded RNG
+per (seed, length, depth, trial), so one seed gives byte-identical prompts on every machine and run.
+
+    python -m eval.passkey --model smollm2-135m --lengths 4096,8192 --depths 0,0.25,0.5,0.75,1 --trials 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eval.common import (
+    EvalError,
+    Timer,
+    add_model_args,
+    each_model,
+    emit,
+    log,
+    parse_int_list,
+    run_cli,
+    save_figure,
+    write_atomic,
+    write_json,
+)
+
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+PROMPT_VERSION = 1  # bump when the wording or layout changes: results of different versions are not comparable
+DEFINITION = (
+    "passkey: prompt = task statement, filler (repeated to fill length - max_new_tokens tokens), key line at "
+    "depth d (round(d*n) of n filler groups before it), question; greedy decoding of max_new_tokens tokens after "
+    "one prefill; correct iff the first run of digits in the answer equals the 5-digit key"
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+    key: str
+    n_filler: int  # filler groups in the prompt
+    n_before: int  # filler groups before the key line
+    key_position: int  # token index where the key line starts
+
+
+def pass_key(seed: int, length: int, depth: float, trial: int) -> str:
+    """The 5-digit key of one cell and trial; a string seed hashes the same way on every platform (sha512)."""
+    return str(random.Random(f"passkey/{seed}/{length}/{depth:.6f}/{trial}").randint(10000, 99999))
+
+
+def prompt_text(key: str, n_before: int, n_after: int) -> str:
+    """The prompt with ``n_before`` filler groups before the key line and ``n_after`` after it."""
+    parts = [TASK, " ".join([FILLER] * n_before), KEY_LINE.format(key=key), " ".join([FILLER] * n_after), QUESTION]
+    return "\n".join(p for p in parts if p)
+
+
+def build_prompt(tokenizer, length: int, depth: float, key: str, max_new_tokens: int) -> Prompt:
+    """The longest prompt of at most ``length - max_new_tokens`` tokens with the key at ``depth`` (0 to 1)."""
+    if not 0.0 <= depth <= 1.0:
+        raise EvalError(f"depth must be between 0 and 1, got {depth}")
+    budget = length - max_new_tokens
+
+    def make(n: int) -> tuple[str, list[int], int]:
+        before = round(depth * n)
+        text = prompt_text(key, before, n - before)
+        return text, tokenizer(text).input_ids, before
+
+    if len(make(1)[1]) > budget:
+        raise EvalError(
+            f"length {length} is too short for a passkey prompt with {max_new_tokens} answer tokens "
+            f"(needs at least {len(make(1)[1]) + max_new_tokens}); use a longer --lengths"
+        )
+    # Token count is affine in n up to merges at the joins: estimate, then step to the exact largest n that fits.
+    base, per = len(make(0)[1]), len(make(100)[1]) / 100 - len(make(0)[1]) / 100
+    n = max(1, int((budget - base) / per))
+    while n > 1 and len(make(n)[1]) > budget:
+        n -= 1
+    while len(make(n + 1)[1]) <= budget:
+        n += 1
+    text, ids, before = make(n)
+    key_char = text.index(KEY_LINE.format(key=key))
+    key_position = len(tokenizer(text[:key_char]).input_ids)
+    return Prompt(text=text, ids=ids, key=key, n_filler=n, n_before=before, key_position=key_position)
+
+
+@torch.inference_mode()
+def greedy_decode(model, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy continuation of ``ids``: one prefill forward (last position's logits only), then cached steps."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        if nxt == eos_token_id or len(tokens) == max_new_tokens:
+            break
+        out = model(input_ids=torch.tensor([[nxt]], device=device), cache=out.cache, use_cache=True)
+    return tokens
+
+
+def parse_number(answer: str) -> str | None:
+    """The first run of digits in the model's answer, or None."""
+    m = re.search(r"\d+", answer)
+    return m.group(0) if m else None
+
+
+def evaluate_passkey(
+    model,
+    tokenizer,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
+    max_new_tokens: int = 10,
+) -> dict:
+    """Passkey accuracy for every (length, depth), ``trials`` prompts each. Returns the result dict (see module)."""
+    if trials < 1:
+        raise EvalError(f"--trials must be >= 1, got {trials}")
+    cells = []
+    tokens = seconds = 0.0
+    for length in lengths:
+        for depth in depths:
+            runs = []
+            for trial in range(trials):
+                p = build_prompt(tokenizer, length, depth, pass_key(seed, length, depth, trial), max_new_tokens)
+                with Timer() as t:
+                    out = greedy_decode(model, p.ids, max_new_tokens, tokenizer.eos_token_id)
+                answer = tokenizer.decode(out, skip_special_tokens=True)
+                correct = parse_number(answer) == p.key
+                tokens += len(p.ids)
+                seconds += t.seconds
+                runs.append(dict(trial=trial, key=p.key, answer=answer, correct=correct, prompt_tokens=len(p.ids),
+                                 key_position=p.key_position, seconds=round(t.seconds, 3)))
+                log(f"passkey length {length} depth {depth:g} trial {trial}: key {p.key} answer {answer!r} "
+                    f"{'ok' if correct else 'WRONG'} ({len(p.ids)} tokens, {t.seconds:.1f} s)")
+            cells.append(dict(length=length, depth=depth, accuracy=sum(r["correct"] for r in runs) / trials,
+                              trials=runs))
+    return dict(cells=cells, prompt_tokens=int(tokens), seconds=round(seconds, 3),
+                tokens_per_s=round(tokens / seconds, 1) if seconds else None)
+
+
+def summarize(model_info: dict, settings: dict, cells: list[dict], prompt_tokens: int, seconds: float) -> dict:
+    """The full result: overall ``accuracy``, per-length accuracy, every cell and trial."""
+    n = sum(len(c["trials"]) for c in cells)
+    by_length: dict[str, list[bool]] = {}
+    for c in cells:
+        by_length.setdefault(str(c["length"]), []).extend(r["correct"] for r in c["trials"])
+    return dict(
+        kind="passkey",
+        version=PROMPT_VERSION,
+        model=model_info,
+        settings=settings,
+        definition=DEFINITION,
+        accuracy=sum(sum(v) for v in by_length.values()) / n,
+        by_length={k: sum(v) / len(v) for k, v in sorted(by_length.items(), key=lambda kv: int(kv[0]))},
+        cells=sorted(cells, key=lambda c: (c["length"], c["depth"])),
+        prompt_tokens=prompt_tokens,
+        seconds=round(seconds, 3),
+        tokens_per_s=round(prompt_tokens / seconds, 1) if seconds else None,
+    )
+
+
+def _grid(result: dict) -> tuple[list[int], list[float], dict]:
+    lengths = sorted({c["length"] for c in result["cells"]})
+    depths = sorted({c["depth"] for c in result["cells"]})
+    return lengths, depths, {(c["length"], c["depth"]): c["accuracy"] for c in result["cells"]}
+
+
+def passkey_markdown(result: dict) -> str:
+    """Accuracy table, depths x lengths, with the settings and definition."""
+    lengths, depths, acc = _grid(result)
+    m, s = result["model"], result["settings"]
+    lines = [
+        f"# Passkey retrieval: {m['label']}",
+        "",
+        f"Model `{m['model']}`, method {m['method']} x{m['factor']:g}, dtype {m['dtype']}; seed {s['seed']}, "
+        f"{s['trials']} trial(s) per cell, {s['max_new_tokens']} answer tokens. Overall accuracy "
+        f"**{result['accuracy']:.0%}**; {result['prompt_tokens']} prompt tokens in {result['seconds']:.0f} s "
+        f"({result['tokens_per_s']} tokens/s).",
+        "",
+        "| depth | " + " | ".join(str(L) for L in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
+    for d in depths:
+        row = [f"{acc[(L, d)]:.0%}" if (L, d) in acc else "" for L in lengths]
+        lines.append(f"| {d:g} | " + " | ".join(row) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{result['by_length'][str(L)]:.0%}**" for L in lengths) + " |")
+    lines += ["", f"Definition: {result['definition']}.", ""]
+    return "\n".join(lines)
+
+
+def draw_heatmap(ax, result: dict, title: str | None = None) -> object:
+    """Accuracy heatmap (depth down, length across) on a matplotlib Axes; returns the image for a colorbar."""
+    lengths, depths, acc = _grid(result)
+    data = [[acc.get((L, d), float("nan")) for L in lengths] for d in depths]
+    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title(title or result["model"]["label"], fontsize=10)
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            if v == v:  # not nan
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8)
+    return im
+
+
+def write_passkey(result: dict, folder: Path) -> None:
+    """passkey.json, passkey.md and passkey.png in ``folder`` (each written atomically)."""
+    from matplotlib.figure import Figure
+
+    lengths, depths, _ = _grid(result)
+    fig = Figure(figsize=(2.4 + 0.9 * len(lengths), 1.4 + 0.35 * len(depths)), layout="constrained")
+    ax = fig.subplots()
+    fig.colorbar(draw_heatmap(ax, result, f"passkey: {result['model']['label']}"), ax=ax, label="accuracy")
+    save_figure(fig, folder / "passkey.png")
+    write_atomic(folder / "passkey.md", passkey_markdown(result))
+    write_json(folder / "passkey.json", result)
+
+
+def _merge_previous(path: Path, result: dict) -> dict:
+    """``--append``: keep the cells of an earlier run of the same model and settings that this run did not redo."""
+    if not path.is_file():
+        return result
+    old = json.loads(path.read_text())
+    if old.get("version") != result["version"] or old.get("model") != result["model"] or any(
+        old["settings"].get(k) != result["settings"][k] for k in ("seed", "max_new_tokens")
+    ):
+        raise EvalError(f"--append: {path} holds results of another model, seed or prompt version; "
+                        "use another --out or drop --append")
+    redone = {(c["length"], c["depth"]) for c in result["cells"]}
+    kept = [c for c in old["cells"] if (c["length"], c["depth"]) not in redone]
+    settings = dict(result["settings"], lengths=sorted({c["length"] for c in kept + result["cells"]}),
+                    depths=sorted({c["depth"] for c in kept + result["cells"]}))
+    return summarize(result["model"], settings, kept + result["cells"], old["prompt_tokens"] + result["prompt_tokens"],
+                     old["seconds"] + result["seconds"])
+
+
+def parse_depths(text: str) -> list[float]:
+    try:
+        depths = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"--depths must be comma-separated numbers in [0, 1], e.g. 0,0.5,1; got '{text}'") from None
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise EvalError(f"--depths must be numbers in [0, 1], got '{text}'")
+    return depths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m eval.passkey", description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
+    ap.add_argument("--lengths", default="4096,8192,16384", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--depths", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+                    help="key depths in [0, 1], comma-separated")
+    ap.add_argument("--trials", type=int, default=2, help="prompts (different keys) per (length, depth)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    ap.add_argument("--max-new-tokens", type=int, default=10, help="greedy answer tokens")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing passkey.json of the same model and seed (e.g. fewer depths at 16k)")
+    args = ap.parse_args(argv)
+    lengths = parse_int_list(args.lengths, "--lengths")
+    depths = parse_depths(args.depths)
+    if args.max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    results = []
+    for em in each_model(args):
+        settings = dict(lengths=lengths, depths=depths, trials=args.trials, seed=args.seed,
+                        max_new_tokens=args.max_new_tokens,
+                        prompt=dict(task=TASK, filler=FILLER, key_line=KEY_LINE, question=QUESTION))
+        log(f"passkey: {em.info['label']} ({em.info['model']})")
+        with torch.inference_mode():
+            raw = evaluate_passkey(em.model, em.tokenizer, lengths, depths, args.trials, args.seed,
+                                   args.max_new_tokens)
+        result = summarize(em.info, settings, raw["cells"], raw["prompt_tokens"], raw["seconds"])
+        folder = Path(args.out) / em.info["slug"]
+        if args.append:
+            result = _merge_previous(folder / "passkey.json", result)
+        write_passkey(result, folder)
+        log(f"passkey: accuracy {result['accuracy']:.0%} -> {folder}/passkey.json")
+        results.append(result)
+    return emit(results, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,224 @@
+"""Per-dimension view of a RoPE scaling method: what it keeps, blends, interpolates (``python -m ropescale inspect``).
+
+For each rotary pair d (YaRN paper notation, section 3): the wavelength lambda_d = 2 pi / theta_d before and after
+scaling, r = L / lambda_d (full turns within the original length L), the turns the scaled dimension makes within the
+target length, the effective scale theta_d / theta'_d, and the region that scale puts it in: ``extrapolated`` (kept,
+scale 1), ``interpolated`` (divided by s or more) or ``blended`` (between). Dynamic methods are shown at the target
+length. A dimension whose scaled turns within the target equal its r within L sees only angles it saw in training.
+
+    python -m ropescale inspect --model smollm2-135m --method yarn --factor 2
+    python -m ropescale inspect --head-dim 128 --base 10000 --original 4096 --method yarn --factor 16 --json
+    python -m ropescale inspect --model tiny-llama --method ntk_by_parts --factor 4 --plot rope.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from ropescale.methods import ROPE_METHODS, RopeConfigError, rotary_dim, validate_method
+
+_TOL = 1e-6  # relative: float32 frequencies carry ~1e-7
+
+
+def _region(scale: float, factor: float) -> str:
+    if math.isclose(scale, 1.0, rel_tol=_TOL):
+        return "extrapolated"
+    return "interpolated" if scale >= factor * (1 - _TOL) and factor > 1 else "blended"
+
+
+def rope_table(head_dim: int, base: float, original_len: int, method: str, factor: float, params: dict | None = None,
+               partial_rotary_factor: float = 1.0) -> dict:
+    """The per-dimension table of ``method`` at ``factor``, plus its ``inv_freq`` (list, ``[rotary_dim/2]``) and
+    ``attention_scale`` (multiplies cos/sin; ``logit_scale`` = its square multiplies q.k).
+
+    Rows: ``index``, ``wavelength``, ``wavelength_scaled``, ``r`` (= L / wavelength: turns within L),
+    ``turns_target`` (turns of the scaled dimension within the target length), ``scale``, ``region``.
+    """
+    params = dict(params or {})
+    dim = rotary_dim(head_dim, partial_rotary_factor)
+    validate_method(method, factor, params, original_len, rotary_dim=dim)
+    target = round(original_len * factor)
+    args = (head_dim, base, partial_rotary_factor, original_len)
+    inv0, _ = ROPE_METHODS["none"].fn(*args, 1.0, {})
+    inv, attention = ROPE_METHODS[method].fn(*args, factor, params, seq_len=target)
+    rows = []
+    for i, (t0, t) in enumerate(zip(inv0.double().tolist(), inv.double().tolist())):
+        wl0, wl = 2 * math.pi / t0, 2 * math.pi / t
+        rows.append({"index": i, "wavelength": wl0, "wavelength_scaled": wl, "r": original_len / wl0,
+                     "turns_target": target / wl, "scale": t0 / t, "region": _region(t0 / t, factor)})
+    return {"method": method, "factor": float(factor), "params": {**ROPE_METHODS[method].defaults, **params},
+            "head_dim": head_dim, "rotary_dim": dim, "partial_rotary_factor": partial_rotary_factor, "base": base,
+            "original_len": original_len, "target_len": target, "inv_freq": inv.tolist(),
+            "attention_scale": attention, "logit_scale": attention**2, "rows": rows}
+
+
+def format_table(t: dict) -> str:
+    """The table as fixed-width text."""
+    head = (f"{t['method']} x{t['factor']:g}: head_dim {t['head_dim']} (rotary {t['rotary_dim']}), base {t['base']:g},"
+            f" L {t['original_len']} -> target {t['target_len']}; params {t['params'] or '{}'}")
+    cols = f"{'d':>3} {'wavelength':>12} {'scaled':>12} {'r=L/wl':>10} {'turns@target':>13} {'scale':>8}  region"
+    lines = [head, cols]
+    for r in t["rows"]:
+        lines.append(f"{r['index']:>3} {r['wavelength']:>12.5g} {r['wavelength_scaled']:>12.5g} {r['r']:>10.4g} "
+                     f"{r['turns_target']:>13.4g} {r['scale']:>8.4g}  {r['region']}")
+    counts = {k: sum(r["region"] == k for r in t["rows"]) for k in ("extrapolated", "blended", "interpolated")}
+    lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    lines.append(f"attention scale {t['attention_scale']:.6g} (multiplies cos and sin; q.k logits x "
+                 f"{t['logit_scale']:.6g})")
+    return "\n".join(lines)
+
+
+def _comparable(method: str, params: dict) -> dict[str, dict]:
+    """Methods drawn in the comparison panel: all that run with default parameters, plus the chosen one."""
+    out = {m: {} for m, spec in ROPE_METHODS.items() if not spec.required}
+    out[method] = params
+    return out
+
+
+def plot(path: str | Path, head_dim: int, base: float, original_len: int, method: str, factor: float,
+         params: dict | None = None, partial_rotary_factor: float = 1.0) -> Path:
+    """One page, three panels: effective per-dimension scale of every method at ``factor``; wavelength against
+    dimension with L and the target marked; turns within L and within the target. Written atomically (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    args = (head_dim, base, original_len)
+    chosen = rope_table(*args, method, factor, params, partial_rotary_factor)
+    L, target = original_len, chosen["target_len"]
+    d = [r["index"] for r in chosen["rows"]]
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 13), sharex=True)
+    fig.suptitle(f"RoPE scaling x{factor:g}: head_dim {head_dim}, base {base:g}, L = {L} -> target {target}; "
+                 f"{method} shaded", fontsize=12)
+
+    styles = ["-", "--", "-.", ":"]
+    for k, (m, p) in enumerate(_comparable(method, chosen["params"]).items()):
+        t = chosen if m == method else rope_table(*args, m, factor, p, partial_rotary_factor)
+        label = f"{m} (attn {t['attention_scale']:.3f})" if t["attention_scale"] != 1 else m
+        ax1.plot(d, [r["scale"] for r in t["rows"]], styles[k % 4], marker="o" if m == method else None, ms=4,
+                 lw=3 if m == method else 1.6, label=label)
+    ax1.axhline(factor, color="grey", lw=0.8)
+    ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax1.set_ylabel("effective scale  theta / theta'")
+    ax1.set_title(f"Effective scale per dimension: 1 = kept (extrapolated), {factor:g} = interpolated like PI\n"
+                  "(dynamic methods at the target length; yarn, dynamic_yarn and ntk_by_parts nearly coincide)",
+                  fontsize=10)
+    ax1.legend(ncol=3, fontsize=8)
+
+    ax2.plot(d, [r["wavelength"] for r in chosen["rows"]], "k-", label="original")
+    ax2.plot(d, [r["wavelength_scaled"] for r in chosen["rows"]], "C3--", lw=2, label=f"{method}")
+    ax2.axhline(L, color="C0", ls=":", label=f"L = {L}")
+    ax2.axhline(target, color="C1", ls=":", label=f"target = {target}")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("wavelength (tokens)")
+    ax2.set_title("Wavelength per dimension: a wavelength above L never made a full turn in training", fontsize=10)
+    ax2.legend(fontsize=9)
+
+    ax3.plot(d, [r["r"] for r in chosen["rows"]], "k-", label="original, within L (seen in training)")
+    ax3.plot(d, [r["r"] * factor for r in chosen["rows"]], "k:", label="original, within target (no scaling)")
+    ax3.plot(d, [r["turns_target"] for r in chosen["rows"]], "C3--", lw=2, label=f"{method}, within target")
+    ax3.axhline(1, color="grey", lw=0.8)
+    ax3.set_yscale("log")
+    ax3.set_ylabel("full turns")
+    ax3.set_xlabel("rotary pair d (high frequency -> low frequency)")
+    ax3.set_title("Rotation coverage: turns within L and within the target (below 1, only part of the circle is "
+                  "swept);\nwhere the scaled curve meets the solid one, the target shows no angle unseen in training",
+                  fontsize=10)
+    ax3.legend(fontsize=9)
+    # Shade the chosen method's regions in every panel.
+    for region, color in (("blended", "gold"), ("interpolated", "C0")):
+        idx = [r["index"] for r in chosen["rows"] if r["region"] == region]
+        if idx:
+            for ax in (ax1, ax2, ax3):
+                ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color=color, alpha=0.08, lw=0)
+            ax2.text((min(idx) + max(idx)) / 2, 0.03, f"{method}: {region}", transform=ax2.get_xaxis_transform(),
+                     ha="center", fontsize=8, color="0.3")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.png", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("the model's RoPE: --model, or --head-dim/--base/--original")
+    src.add_argument("--model", help="model name or folder (a tiny preset, smollm2-135m, a local folder, a hub id)")
+    src.add_argument("--head-dim", type=int)
+    src.add_argument("--base", type=float, help="rope_theta")
+    src.add_argument("--original", type=int, help="original context length L (with --model: overrides the config)")
+    src.add_argument("--partial-rotary-factor", type=float, default=None)
+    p.add_argument("--method", help=f"one of {', '.join(ROPE_METHODS)} (default with --model: the model's own)")
+    p.add_argument("--factor", type=float, help="target length / L (default with --model: the model's own)")
+    p.add_argument("--params", default=None, help='method parameters as JSON, e.g. \'{"beta_fast": 16}\'')
+    p.add_argument("--json", action="store_true", help="print the table as one line of JSON")
+    p.add_argument("--plot", metavar="PNG", help="also draw the comparison page to this PNG file")
+
+
+def _resolve(a: argparse.Namespace) -> dict:
+    """The rope_table arguments from the command line (and the model's config)."""
+    params = {}
+    if a.params is not None:
+        try:
+            params = json.loads(a.params)
+        except json.JSONDecodeError as e:
+            raise RopeConfigError(f"--params is not valid JSON ({e}); e.g. --params '{{\"beta_fast\": 16}}'") from e
+    if a.model:
+        if a.head_dim is not None or a.base is not None:
+            raise RopeConfigError("give either --model or --head-dim/--base/--original, not both")
+        from ropescale.apply import head_dim_of, original_context, partial_rotary_factor_of, rope_of
+        from ropescale.models import load_config
+
+        config = load_config(a.model)
+        cur = rope_of(config)
+        if (a.method is None) != (a.factor is None):
+            raise RopeConfigError("give --method and --factor together (or neither, to inspect the model's own)")
+        if a.method is None:
+            a.method, a.factor, params = cur["method"], cur["factor"], cur["params"]
+        try:
+            L = a.original if a.original is not None else original_context(config)
+        except RopeConfigError as e:
+            raise RopeConfigError(f"{e} (on the command line: --original)") from e
+        return dict(head_dim=head_dim_of(config), base=cur["rope_theta"], original_len=L, method=a.method,
+                    factor=a.factor, params=params, partial_rotary_factor=a.partial_rotary_factor
+                    or partial_rotary_factor_of(config))
+    missing = [f"--{n}" for n, v in (("head-dim", a.head_dim), ("base", a.base), ("original", a.original),
+                                      ("method", a.method), ("factor", a.factor)) if v is None]
+    if missing:
+        raise RopeConfigError(f"without --model, give {' '.join(missing)}")
+    return dict(head_dim=a.head_dim, base=a.base, original_len=a.original, method=a.method, factor=a.factor,
+                params=params, partial_rotary_factor=a.partial_rotary_factor or 1.0)
+
+
+def run(a: argparse.Namespace) -> int:
+    kw = _resolve(a)
+    table = rope_table(**kw)
+    if a.plot:
+        if not Path(a.plot).parent.is_dir():
+            raise RopeConfigError(f"--plot: folder {Path(a.plot).parent} does not exist")
+        plot(a.plot, **kw)
+    if a.json:
+        print(json.dumps(table))
+    else:
+        print(format_table(table))
+        if a.plot:
+            print(f"plot written to {a.plot}")
+    return 0

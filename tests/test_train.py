@@ -1,0 +1,234 @@
+"""train.py end to end: real DeepSpeed processes (gloo on CPU), real LoRA, real checkpoints and W&B offline runs.
+
+Every run here is `configs/cpu_tiny.yaml` (tiny-llama, YaRN s=2, 512-token rows) launched the way a user would.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DEEPSPEED = str(Path(PY).parent / "deepspeed")
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="", PYTHONUNBUFFERED="1", **extra)
+    env.pop("WANDB_MODE")
+    return env
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _cmd(run: Path, *sets: str, nproc: int = 1, resume: str | None = None) -> list[str]:
+    launcher = [PY] if nproc == 1 else [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", _free_port()]
+    cmd = launcher + ["train.py", "--config", "configs/cpu_tiny.yaml", "--set", f"output.dir={run}"]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd + (["--resume", resume] if resume else [])
+
+
+def _train(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, check: bool = True, **env):
+    r = subprocess.run(_cmd(run, *sets, nproc=nproc, resume=resume), cwd=ROOT, env=_env(**env),
+                       capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    weights.update(load_file(run / "adapter" / "trainable_extra.safetensors"))
+    return weights
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_process_deepspeed_lora_loss_falls(tmp_path, stage):
+    run = tmp_path / f"zero{stage}"
+    _train(run, f"deepspeed.config=configs/deepspeed/zero{stage}.json", "train.micro_batch_size=1", nproc=2)
+    losses = _losses(run)
+    assert len(losses) == 10
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert (run / "merged" / "model.safetensors").is_file()
+
+
+def test_one_and_two_processes_agree_at_the_same_global_batch(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, "train.micro_batch_size=2", "train.max_steps=5")
+    _train(two, "train.micro_batch_size=1", "train.max_steps=5", nproc=2)
+    a, b = _losses(one), _losses(two)
+    assert abs(a[4] - b[4]) < 1e-3, (a, b)
+
+
+def _kill_at_random_step(run: Path, *sets: str, nproc: int, seed: int) -> int:
+    """Start a run, SIGKILL its whole process group once a randomly chosen step has been logged."""
+    target = random.Random(seed).randint(4, 12)
+    proc = subprocess.Popen(_cmd(run, *sets, nproc=nproc), cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= target:
+            break
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(metrics.read_text().splitlines())
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_and_resume_auto_reproduce_the_uninterrupted_run(tmp_path, nproc):
+    sets = ("train.max_steps=16", "train.save_every=3", "train.micro_batch_size=1", "lora.dropout=0.1")
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    _train(full, *sets, nproc=nproc)
+    killed_at = _kill_at_random_step(broken, *sets, nproc=nproc, seed=nproc)
+    assert killed_at < 16 and not (broken / "merged").exists()
+    _train(broken, *sets, nproc=nproc, resume="auto")
+    a, b = _losses(full), _losses(broken)
+    assert len(b) == 16
+    wa, wb = _adapter(full), _adapter(broken)
+    assert wa.keys() == wb.keys()
+    if nproc == 1:  # bit-exact
+        assert a == b
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    else:
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    sets = ("train.max_steps=10", "train.save_every=5")
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    _train(full, *sets)
+    r = _train(broken, *sets, check=False, ROPESCALE_FAULT="checkpoint:10")
+    assert r.returncode == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (broken / "checkpoints").iterdir())
+    assert ckpts == [".tmp-step-000010", "step-000005"]  # the half-written one never got its final name
+    _train(broken, *sets, resume="auto")
+    assert _losses(broken) == _losses(full)
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+
+
+def test_nan_loss_stops_before_the_optimizer_step(tmp_path):
+    run = tmp_path / "nan"
+    r = _train(run, "train.save_every=2", check=False, ROPESCALE_FAULT="nan_loss:3")
+    assert r.returncode != 0
+    assert "error: non-finite loss (nan) at step 3; stopped before the optimizer step" in r.stderr
+    assert "step-000002" in r.stderr
+    assert len(_losses(run)) == 2
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    # and the last good checkpoint resumes
+    _train(run, "train.save_every=2", resume="auto")
+    assert len(_losses(run)) == 10
+
+
+_PLAIN_RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert not any(m.split('.')[0] in ('ropescale', 'data', 'eval', 'train', 'configs') for m in sys.modules)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[3])
+print(model.config.rope_parameters['rope_type'], model.config.rope_parameters['factor'])
+"""
+
+
+def test_merged_export_reloads_in_plain_transformers_with_the_scaling(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoConfig
+
+    from ropescale.models import load_model
+
+    run = tmp_path / "export"
+    _train(run)
+    # The fine-tuned model, unmerged: the RoPE-scaled base + LoRA adapter + trainable extras.
+    base_config = AutoConfig.from_pretrained(run / "adapter" / "base_config")
+    model = load_model("tiny-llama", config=base_config, seed=0)
+    model = PeftModel.from_pretrained(model, run / "adapter").eval()
+    extras = load_file(run / "adapter" / "trainable_extra.safetensors")
+    missing = [k for k in extras if k not in dict(model.named_parameters())]
+    assert not missing
+    with torch.no_grad():
+        for k, v in extras.items():
+            model.get_parameter(k).copy_(v)
+    ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(0))  # 2x the native 256
+    torch.save(ids, tmp_path / "ids.pt")
+    r = subprocess.run([PY, "-c", _PLAIN_RELOAD, str(run / "merged"), str(tmp_path / "ids.pt"),
+                        str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["yarn", "2.0"]
+    with torch.no_grad():
+        ours = model(ids).logits
+    plain = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert torch.allclose(ours, plain, atol=1e-4), (ours - plain).abs().max()
+
+
+def test_wandb_offline_run_and_no_api_key_in_the_run_folder(tmp_path):
+    key = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key; set but never written
+    run = tmp_path / "wb"
+    _train(run, "wandb.mode=offline", WANDB_API_KEY=key)
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    assert b"tokens_per_s" in offline[0].read_bytes()  # the logged metrics are in the run file
+    leaks = [p for p in run.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+    assert not leaks
+
+
+def test_wandb_mode_auto_is_offline_without_a_key(tmp_path):
+    run = tmp_path / "auto"
+    r = _train(run, "train.max_steps=2", HOME=str(tmp_path))  # no key in the environment, no ~/.netrc
+    assert "wandb: offline (no API key configured)" in r.stdout
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_run_folder_is_protected_and_resume_checks_the_config(tmp_path):
+    run = tmp_path / "guard"
+    _train(run, "train.max_steps=2")
+    r = _train(run, "train.max_steps=2", check=False)
+    assert r.returncode != 0 and "already holds a run; pass --resume auto" in r.stderr
+    r = _train(run, "train.max_steps=4", "train.lr=0.1", resume="auto", check=False)
+    assert r.returncode != 0 and "config differs" in r.stderr and "train.lr" in r.stderr
+    _train(run, "train.max_steps=4", resume="auto")  # a longer run of the same config continues
+    assert len(_losses(run)) == 4
+
+
+@pytest.mark.parametrize("sets,message", [
+    (("data.seq_len=128",), "data.seq_len 128 is below the model's original context 256"),
+    (("rope.method=yarm",), "unknown RoPE method 'yarm'"),
+    (("train.max_step=3",), "did you mean 'train.max_steps'?"),
+    (("model.name=./no/such/model",), "model folder not found"),
+    (("deepspeed.config=configs/deepspeed/zero9.json",), "zero9.json not found"),
+])
+def test_bad_config_exits_with_one_line(tmp_path, capsys, sets, message):
+    """In-process: every refusal happens before DeepSpeed starts and before the run folder is written."""
+    import train
+
+    run = tmp_path / "bad"
+    argv = ["--config", str(ROOT / "configs/cpu_tiny.yaml"), "--set", f"output.dir={run}"]
+    for s in sets:
+        argv += ["--set", s]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not run.exists()
