@@ -698,9 +698,17 @@ def _progress(total: int, done: int):
 
 
 def _evaluate(cfg: RunConfig, run: Path) -> None:
-    from eval.run import evaluate_run
+    """Run the eval CLIs on the merged model; results go to ``<run>/eval/`` where eval.compare and sweeps read them.
+    The held-out split of the bundled corpus is the default text (training never reads it)."""
+    from eval import passkey, perplexity
 
-    evaluate_run(run, cfg.eval)
+    e, common = cfg.eval, ["--model", str(run), "--out", str(run / "eval")]
+    if e.perplexity_lengths:
+        argv = common + ["--lengths", ",".join(map(str, e.perplexity_lengths)), "--mode", e.perplexity_mode]
+        perplexity.main(argv + (["--stride", str(e.stride)] if e.stride else []))
+    if e.passkey_lengths:
+        passkey.main(common + ["--lengths", ",".join(map(str, e.passkey_lengths)),
+                               "--depths", ",".join(map(str, e.passkey_depths)), "--trials", str(e.passkey_trials)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ ways, each in a fresh process (so peak RSS is its own):
 - ``blocked``: positions restart, attention blocked (transformers builds a [L, L] block-diagonal mask from the
   position ids, which sdpa then applies with its masked kernel).
 
-Prints median seconds of ``--repeats`` forward+backward passes and peak RSS. Usage:
+Prints the best of ``--repeats`` forward+backward passes (after one warm-up) and peak RSS. Usage:
 
     python bench/block_mask_cost.py --lengths 2048 4096 8192 --docs 8 --threads 2
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
+import os
 import subprocess
 import sys
 import time
@@ -50,7 +50,7 @@ def one(model_name: str, length: int, docs: int, way: str, repeats: int, threads
         t = time.perf_counter()
         model(**kwargs).logits.float().mean().backward()
         times.append(time.perf_counter() - t)
-    return {"length": length, "way": way, "seconds": statistics.median(times[1:]),
+    return {"length": length, "way": way, "seconds": min(times[1:]),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -67,7 +67,7 @@ def main() -> None:
         print(json.dumps(one(args.model, *json.loads(args.one), args.repeats, args.threads)))
         return
     print(f"model {args.model}, {args.docs} documents per row, forward+backward, {args.threads} threads, "
-          f"median of {args.repeats}")
+          f"best of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}")
     print(f"{'length':>7} {'way':>8} {'seconds':>8} {'x causal':>8} {'peak RSS GiB':>12}")
     for length in args.lengths:
         base = None

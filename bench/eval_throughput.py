@@ -12,7 +12,7 @@ Each measurement runs in its own subprocess, so its peak RSS is its own. Rows:
   the recipe (transformers' "Perplexity of fixed-length models" page) calls ``model(input_ids, labels=...)`` per
   window, so it builds full logits and runs the head on unscored positions too.
 - ``loss fwd+bwd, full logits`` / ``loss fwd+bwd, chunked``: the loss alone on the model's real LM head with hidden
-  states that require grad (what training pays for the loss), at the length and at twice it.
+  states that require grad (what training pays for the loss), at half the length and at the length.
 
 tokens/s counts tokens fed to the model (for sliding, overlapping tokens count once per window they are fed in).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -36,12 +35,17 @@ from ropescale.loss import IGNORE_INDEX, chunked_causal_lm_loss  # noqa: E402
 from ropescale.models import load_model, load_tokenizer  # noqa: E402
 
 
-def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _reset_peak() -> float:
+    """Reset the peak-RSS mark (Linux: '5' to clear_refs) so that loading the model does not count; current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
 
 
 def _tokens(name: str, n: int) -> torch.Tensor:
@@ -53,9 +57,10 @@ def _tokens(name: str, n: int) -> torch.Tensor:
     return torch.tensor(ids[:n])
 
 
-def hf_recipe(model, ids: torch.Tensor, length: int, stride: int) -> tuple[float, int]:
-    """The transformers docs' sliding-window recipe: full-logits forward with labels per window."""
-    nll_sum, n_scored, prev_end = 0.0, 0, 0
+def hf_recipe(model, ids: torch.Tensor, length: int, stride: int) -> tuple[float, int, int]:
+    """The transformers docs' sliding-window recipe: full-logits forward with labels per window.
+    Returns (NLL sum, scored tokens, tokens fed)."""
+    nll_sum, n_scored, prev_end, fed = 0.0, 0, 0, 0
     for begin in range(0, ids.numel(), stride):
         end = min(begin + length, ids.numel())
         trg_len = end - prev_end
@@ -66,10 +71,11 @@ def hf_recipe(model, ids: torch.Tensor, length: int, stride: int) -> tuple[float
         n = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels: this many tokens are averaged
         nll_sum += float(out.loss) * n
         n_scored += n
+        fed += inputs.numel()
         prev_end = end
         if end == ids.numel():
             break
-    return nll_sum, n_scored
+    return nll_sum, n_scored, fed
 
 
 def one(name: str, args) -> dict:
@@ -82,12 +88,12 @@ def one(name: str, args) -> dict:
         model(input_ids=ids[None, :256], use_cache=False)
     extra = {}
     if name.startswith("loss"):
-        T = L * (2 if name.endswith("2x") else 1)
+        T = L // 2 if name.endswith("half") else L
         hidden = torch.randn(1, T, model.config.hidden_size, requires_grad=True)
         labels = ids[:T][None]
         head = model.lm_head
         head.weight.requires_grad_(False)  # the gradient that matters here is the hidden states'
-        base = _rss_mib()
+        base = _reset_peak()
         t = time.perf_counter()
         if "full" in name:
             logits = head(hidden)
@@ -98,7 +104,7 @@ def one(name: str, args) -> dict:
         seconds, fed = time.perf_counter() - t, T
         extra["length"] = T
     else:
-        base = _rss_mib()
+        base = _reset_peak()
         with torch.inference_mode():
             t = time.perf_counter()
             if name == "decoder":
@@ -112,13 +118,12 @@ def one(name: str, args) -> dict:
             elif name == "sliding_ours":
                 windows = plan_windows(2 * L, L, args.stride)
                 r = score(model, ids, windows, chunk_size=args.chunk_size)
-                fed, extra["ppl"], extra["windows"] = r["forward_tokens"], float(
-                    torch.tensor(r["nll_sum"] / r["tokens"]).exp()), len(windows)
+                fed, extra["ppl"] = r["forward_tokens"], float(torch.tensor(r["nll_sum"] / r["tokens"]).exp())
             elif name == "sliding_recipe":
-                nll_sum, n = hf_recipe(model, ids, L, args.stride)
-                fed, extra["ppl"] = None, float(torch.tensor(nll_sum / n).exp())
+                nll_sum, n, fed = hf_recipe(model, ids, L, args.stride)
+                extra["ppl"] = float(torch.tensor(nll_sum / n).exp())
             seconds = time.perf_counter() - t
-    return dict(name=name, seconds=seconds, fed=fed, peak_mib=_peak_mib() - base, **extra)
+    return dict(name=name, seconds=seconds, fed=fed, peak_mib=_status_mib("VmHWM") - base, **extra)
 
 
 ROWS = [
@@ -127,10 +132,10 @@ ROWS = [
     ("score", "score (eval.perplexity)"),
     ("sliding_ours", "sliding, ours"),
     ("sliding_recipe", "sliding, transformers docs recipe"),
+    ("loss_full_half", "loss fwd+bwd, full logits"),
+    ("loss_chunked_half", "loss fwd+bwd, chunked"),
     ("loss_full", "loss fwd+bwd, full logits"),
     ("loss_chunked", "loss fwd+bwd, chunked"),
-    ("loss_full_2x", "loss fwd+bwd, full logits"),
-    ("loss_chunked_2x", "loss fwd+bwd, chunked"),
 ]
 
 
@@ -161,8 +166,8 @@ def main() -> None:
             continue
         r = results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         label = dict(ROWS)[name] + (f" @{r['length']}" if "length" in r else "")
-        tps = f"{r['fed'] / r['seconds']:9.0f}" if r["fed"] else "        -"
-        ppl = f"  ppl {r['ppl']:.4f} ({r.get('windows', '-')} windows)" if "ppl" in r else ""
+        tps = f"{r['fed'] / r['seconds']:9.0f}"
+        ppl = f"  ppl {r['ppl']:.4f}" if "ppl" in r else ""
         print(f"{label:42s} {r['seconds']:8.2f} s  {tps} tokens/s  peak +{r['peak_mib']:7.0f} MiB{ppl}",
               flush=True)
     if "score" in results:

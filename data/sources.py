@@ -88,9 +88,13 @@ def expand_files(path: str) -> list[Path]:
     return [p]
 
 
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+        with _open(path) as f:
             return f.read()
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
@@ -104,19 +108,23 @@ def _field(record: dict, field: str, where: str):
 
 
 def _jsonl_records(path: Path, field: str) -> Iterator[tuple[str, object, int]]:
-    for lineno, line in enumerate(_read_bytes(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        # Decode the line before parsing so that invalid bytes are replaced and counted (the record's count).
-        text, bad = decode_utf8(line)
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        yield where, _field(record, field, where), bad
+    try:
+        with _open(path) as f:
+            for lineno, line in enumerate(f, 1):  # line by line: a large file is never held whole
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                # Decode before parsing, so that invalid bytes are replaced and counted (as the record's).
+                text, bad = decode_utf8(line)
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                yield where, _field(record, field, where), bad
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _load_dataset(kind: str, spec: SourceSpec, hf_cache: Path | None, **kw):

@@ -15,6 +15,7 @@ perplexity results of one model sit side by side for ``eval.compare``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -181,8 +182,6 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def save_figure(fig, path: Path) -> None:
     """Save a matplotlib Figure as PNG atomically."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     write_atomic(path, buf.getvalue())
@@ -216,24 +215,21 @@ class Timer:
 
 
 def run_cli(main: Callable[[list[str] | None], dict], argv: list[str] | None = None) -> int:
-    """Run an eval ``main``, turning bad input into one ``error: ...`` line and exit status 2."""
+    """Run an eval ``main``, turning bad input (ours, the model loader's, ropescale's) into one ``error: ...`` line
+    and exit status 2."""
+    from ropescale.methods import RopeConfigError
     from ropescale.models import ModelLoadError
 
     try:
         main(argv)
-    except (EvalError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # apply_rope and other library checks raise ValueError subclasses with a fix-it message
-        if type(e) is ValueError:
-            raise
+    except (EvalError, ModelLoadError, RopeConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def each_model(args: argparse.Namespace) -> Iterator[EvalModel]:
-    """Load the model once per ``--rope`` variant, freeing the previous one first."""
+    """The model of ``--model``, loaded once per ``--rope`` variant, one after the other."""
     if args.threads:
         torch.set_num_threads(args.threads)
     for variant in model_variants(args):

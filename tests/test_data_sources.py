@@ -117,14 +117,17 @@ def test_fewer_tokens_than_one_row_gives_both_numbers(tmp_path):
     assert list((tmp_path / "c" / "rows").iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["broken_link", "bad_gzip", "bad_parquet", "missing"])
+@pytest.mark.parametrize("case", ["broken_link", "bad_gzip", "bad_gzip_jsonl", "bad_parquet", "missing"])
 def test_unreadable_file_fails_with_its_path(tmp_path, case):
     bad = {"broken_link": tmp_path / "gone.txt", "bad_gzip": tmp_path / "x.txt.gz",
-           "bad_parquet": tmp_path / "x.parquet", "missing": tmp_path / "nothing.jsonl"}[case]
+           "bad_gzip_jsonl": tmp_path / "x.jsonl.gz", "bad_parquet": tmp_path / "x.parquet",
+           "missing": tmp_path / "nothing.jsonl"}[case]
     if case == "broken_link":
         bad.symlink_to(tmp_path / "does-not-exist.txt")
     elif case == "bad_gzip":
         bad.write_bytes(b"plain bytes, not gzip")
+    elif case == "bad_gzip_jsonl":  # valid start, truncated stream: fails while reading lines
+        bad.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
     elif case == "bad_parquet":
         bad.write_bytes(b"PAR1 this is not a parquet file")
     with pytest.raises(DataError, match=re.escape(str(bad))):
