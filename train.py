@@ -65,6 +65,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override a config key, e.g. --set rope.factor=4 (repeatable)")
     ap.add_argument("--resume", default="never", metavar="auto|never|PATH",
                     help="auto: continue from the newest complete checkpoint in the run folder, if any")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config and the per-GPU memory plan (launch/memory.py), then exit")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -178,7 +180,7 @@ def _build_model(cfg: RunConfig, model_config, precision: str, attn: str, dtype:
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with frozen embeddings + LoRA
         # (YaRN's script turns checkpointing off under LoRA; its users then run out of memory).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora.enabled:
         model.float().requires_grad_(True)
         return model
@@ -573,6 +575,11 @@ def train(cfg: RunConfig, resume: str = "never") -> Path:
     resume_from = _prepare_run_dir(cfg, run, resume)
     precision, why = _choose_precision(cfg.train.precision, device)
     attn = _attn_implementation(cfg.model.attn_implementation, device)
+    if attn == "flash_attention_2" and cfg.data.block_cross_doc and cfg.train.micro_batch_size > 1:
+        # transformers derives flash-attention varlen boundaries from position_ids only for a batch of one row;
+        # with more rows documents would attend to each other silently (docs/data.md).
+        _fail("data.block_cross_doc with flash_attention_2 needs train.micro_batch_size: 1 (raise train.grad_accum "
+              "instead)")
     model_config = _model_config(cfg)
     ds_config = _ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = _init_distributed(device)
@@ -718,7 +725,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parse_args(argv)
     try:
-        train(load_run_config(args.config, args.set), resume=args.resume)
+        cfg = load_run_config(args.config, args.set)
+        if args.dry_run:  # nothing distributed starts; the plan uses WORLD_SIZE when a launcher set it
+            from launch.memory import dry_run
+
+            dry_run(cfg)
+            return 0
+        train(cfg, resume=args.resume)
     except (ConfigError, DataError, ModelLoadError, RopeConfigError, TrainError) as e:
         # Input problems: one line naming the problem and the fix, no traceback.
         print(f"error: {e}", file=sys.stderr)

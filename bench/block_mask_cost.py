@@ -8,9 +8,10 @@ ways, each in a fresh process (so peak RSS is its own):
 - ``blocked``: positions restart, attention blocked (transformers builds a [L, L] block-diagonal mask from the
   position ids, which sdpa then applies with its masked kernel).
 
-Prints the best of ``--repeats`` forward+backward passes (after one warm-up) and peak RSS. Usage:
+Prints the best of ``--repeats`` forward+backward passes (after one warm-up), wall and CPU seconds, and peak RSS. On a
+machine shared with other jobs, compare CPU seconds with ``--threads 1``: wall time then mostly measures the others.
 
-    python bench/block_mask_cost.py --lengths 2048 4096 8192 --docs 8 --threads 2
+    python bench/block_mask_cost.py --lengths 2048 4096 8192 16384 --docs 8 --threads 1
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ def one(model_name: str, length: int, docs: int, way: str, repeats: int, threads
     starts = np.zeros((1, length), bool)
     starts[0, :: length // docs] = True
     labels, pos = row_labels_positions(ids, starts, "concat" if way == "causal" else "reset")
-    batch = {"input_ids": torch.from_numpy(ids.astype(np.int64)), "position_ids": torch.from_numpy(pos.astype(np.int64))}
+    batch = {"input_ids": torch.from_numpy(ids.astype(np.int64)),
+             "position_ids": torch.from_numpy(pos.astype(np.int64))}
     kwargs = forward_kwargs(batch, block_cross_doc=way == "blocked")
-    times = []
+    times, cpu = [], []
     for _ in range(repeats + 1):  # the first pass warms up
         model.zero_grad(set_to_none=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         model(**kwargs).logits.float().mean().backward()
         times.append(time.perf_counter() - t)
-    return {"length": length, "way": way, "seconds": min(times[1:]),
+        cpu.append(time.process_time() - c)
+    return {"length": length, "way": way, "seconds": min(times[1:]), "cpu_seconds": min(cpu[1:]),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -60,7 +63,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--docs", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -68,7 +71,7 @@ def main() -> None:
         return
     print(f"model {args.model}, {args.docs} documents per row, forward+backward, {args.threads} threads, "
           f"best of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}")
-    print(f"{'length':>7} {'way':>8} {'seconds':>8} {'x causal':>8} {'peak RSS GiB':>12}")
+    print(f"{'length':>7} {'way':>8} {'seconds':>8} {'CPU s':>8} {'x causal (CPU)':>14} {'peak RSS GiB':>12}")
     for length in args.lengths:
         base = None
         for way in ("causal", "reset", "blocked"):
@@ -76,9 +79,9 @@ def main() -> None:
                    str(args.threads), "--one", json.dumps([length, args.docs, way])]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            base = base or r["seconds"]
-            print(f"{length:>7} {way:>8} {r['seconds']:>8.3f} {r['seconds'] / base:>8.2f} {r['peak_rss_gib']:>12.2f}",
-                  flush=True)
+            base = base or r["cpu_seconds"]
+            print(f"{length:>7} {way:>8} {r['seconds']:>8.3f} {r['cpu_seconds']:>8.3f} "
+                  f"{r['cpu_seconds'] / base:>14.2f} {r['peak_rss_gib']:>12.2f}", flush=True)
 
 
 if __name__ == "__main__":

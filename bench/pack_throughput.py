@@ -2,9 +2,11 @@
 
 Each configuration runs in a fresh process with an empty cache, so every run reads, tokenizes, packs and writes.
 Two corpora from the bundled train split: ``books`` (its 7 documents; one of them holds 44% of the tokens, and a
-document is never split across processes) and ``chapters`` (the same text cut at blank lines into ~2,000-token
-pieces, so the documents spread evenly over the processes). ``tok-threads`` is the Rust tokenizer's own thread
-pool (TOKENIZERS_PARALLELISM), on for one process; datasets' worker processes run it single-threaded.
+document is never split across processes) and ``chapters`` (the same text cut at blank lines into pieces of about
+8,000 characters, ~4,000 tokens, so the documents spread evenly over the processes). ``tok-threads`` is the Rust
+tokenizer's own thread pool (TOKENIZERS_PARALLELISM), on for one process; datasets' worker processes run it
+single-threaded. Wall seconds are the best of ``--repeats`` runs; the CPU seconds of that run (the process and its
+workers) show the work done, which a machine shared with other jobs distorts less than wall time.
 
     python bench/pack_throughput.py --model smollm2-135m --seq-len 8192
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,10 +58,16 @@ def one(model: str, corpus: str, seq_len: int, num_proc: int) -> dict:
         source = (SourceSpec(kind="bundled", split="train") if corpus == "books"
                   else SourceSpec(kind="files", path=str(_chapters(Path(tmp)))))
         cfg = DataConfig(sources=[source], seq_len=seq_len, cache_dir=str(Path(tmp) / "cache"), num_proc=num_proc)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_seconds()
         ds = build_packed(cfg, tok)
-        seconds = time.perf_counter() - t
-    return {"documents": ds.stats["documents"], "tokens": ds.stats["stream_tokens"], "seconds": seconds}
+        seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
+    return {"documents": ds.stats["documents"], "tokens": ds.stats["stream_tokens"], "seconds": seconds, "cpu": cpu}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (datasets' tokenizer workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def main() -> None:
@@ -73,7 +82,8 @@ def main() -> None:
         return
     print(f"tokenizer of {args.model}, seq_len {args.seq_len}; read + tokenize + pack + write, fresh cache, "
           f"{os.cpu_count()} CPUs, best of {args.repeats}; load average before: {os.getloadavg()[0]:.2f}")
-    print(f"{'corpus':>9} {'documents':>9} {'processes':>9} {'tok-threads':>11} {'seconds':>8} {'tokens/s':>10}")
+    print(f"{'corpus':>9} {'documents':>9} {'processes':>9} {'tok-threads':>11} {'seconds':>8} {'tokens/s':>10} "
+          f"{'CPU s':>7}")
     for corpus in ("books", "chapters"):
         for num_proc, threads in ((1, False), (1, True), (2, False)):
             env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM=str(threads).lower())
@@ -83,7 +93,7 @@ def main() -> None:
                                               check=True).stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
             r = min(runs, key=lambda x: x["seconds"])
             print(f"{corpus:>9} {r['documents']:>9,} {num_proc:>9} {'on' if threads else 'off':>11} "
-                  f"{r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>10,.0f}", flush=True)
+                  f"{r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>10,.0f} {r['cpu']:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

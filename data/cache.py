@@ -50,7 +50,8 @@ def tokens_key(cfg: DataConfig, tokenizer: dict, fingerprints: list) -> str:
     """Key of the tokenized documents: the sources (settings except weight, and the data behind them) and the
     tokenizer. ``tok-<16 hex digits>``."""
     sources = [s.model_dump(exclude={"weight"}) for s in cfg.sources]
-    return "tok-" + _digest({"format": FORMAT_VERSION, "sources": sources, "data": fingerprints, "tokenizer": tokenizer})
+    parts = {"format": FORMAT_VERSION, "sources": sources, "data": fingerprints, "tokenizer": tokenizer}
+    return "tok-" + _digest(parts)
 
 
 def rows_key(cfg: DataConfig, tokens: str, specials: tuple[int | None, int]) -> str:

@@ -7,7 +7,7 @@ boundary block outside ``reset`` mode, a PoSE target no longer than the window).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,12 +21,13 @@ class _Model(BaseModel):
 
 
 class SourceSpec(_Model):
-    kind: Literal["bundled", "hub", "files"]
+    kind: Literal["bundled", "hub", "files", "synthetic"]
     """`bundled`: the corpus in data/corpus (split: train, heldout or all); `hub`: `datasets.load_dataset(name,
     config, split=split)` (a hub id, or a local dataset folder); `files`: local .txt (one document per file),
-    .jsonl and .parquet files (one document per record), optionally .gz-compressed, given by `path`."""
+    .jsonl and .parquet files (one document per record), optionally .gz-compressed, given by `path`; `synthetic`:
+    `max_docs` documents made by the generator `name` (data/synthetic.py: `passkey`) with `params`."""
     name: str | None = None
-    """Hub dataset id (e.g. `emozilla/pg19`) or local dataset folder; `hub` only."""
+    """Hub dataset id (e.g. `emozilla/pg19`) or local dataset folder; `hub` only. For `synthetic`: the generator."""
     path: str | None = None
     """A file, a folder (searched recursively for supported files) or a glob (`data/**/*.jsonl`); `files` only."""
     split: str = "train"
@@ -42,6 +43,8 @@ class SourceSpec(_Model):
     `max_docs` with it for very large sets (PG19, RedPajama)."""
     max_docs: int | None = Field(default=None, gt=0)
     """Read at most this many documents (before filters) from the source."""
+    params: dict[str, Any] = {}
+    """Generator settings; `synthetic` only (passkey: `max_filler`, `seed`; see data/synthetic.py)."""
     weight: float = Field(default=1.0, gt=0)
     """How many times each of the source's documents enters one pass: 2.0 repeats every document twice, 0.5 keeps a
     seeded half of them, 1.5 all of them plus a seeded half again. Mixes sources by (document-count) weight."""
@@ -54,6 +57,15 @@ class SourceSpec(_Model):
             raise ValueError("a files source needs `path` (a file, a folder or a glob)")
         if self.kind == "bundled" and self.split not in ("train", "heldout", "all"):
             raise ValueError(f"bundled split must be train, heldout or all, got '{self.split}'")
+        if self.kind == "synthetic":
+            from data.synthetic import GENERATORS, check_params
+
+            if not self.name or not self.max_docs:
+                raise ValueError(f"a synthetic source needs `name` (one of: {', '.join(GENERATORS)}) and `max_docs` "
+                                 "(how many documents to generate)")
+            check_params(self.name, self.params)
+        elif self.params:
+            raise ValueError(f"`params` is for synthetic sources only (this source is {self.kind})")
         return self
 
     def label(self) -> str:

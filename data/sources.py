@@ -160,6 +160,11 @@ def _raw_documents(spec: SourceSpec, hf_cache: Path | None) -> Iterator[tuple[st
     if spec.kind == "bundled":
         for doc in load_corpus(spec.split):
             yield doc.name, doc.text, 0
+    elif spec.kind == "synthetic":
+        from data.synthetic import generate
+
+        for i, text in enumerate(generate(spec.name, spec.max_docs, spec.params)):
+            yield f"{spec.label()}#{i}", text, 0
     elif spec.kind == "hub":
         kw = {"revision": spec.revision} if spec.revision else {}
         ds = _load_dataset(spec.name, spec, hf_cache, name=spec.config, **kw)
@@ -224,6 +229,10 @@ def source_fingerprint(spec: SourceSpec) -> list:
     sha256s, or (path, sha256) of each local file. A hub id is known only by name, config, split and revision."""
     if spec.kind == "bundled":
         return [e["sha256"] for e in manifest() if spec.split in ("all", e["split"])]
+    if spec.kind == "synthetic":
+        from data.synthetic import fingerprint
+
+        return [fingerprint(spec.name)]
     root = spec.path if spec.kind == "files" else spec.name
     if spec.kind == "hub" and not Path(root).expanduser().exists():
         return []

@@ -90,7 +90,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, max_new_tokens:
             f"(needs at least {len(make(1)[1]) + max_new_tokens}); use a longer --lengths"
         )
     # Token count is affine in n up to merges at the joins: estimate, then step to the exact largest n that fits.
-    base, per = len(make(0)[1]), len(make(100)[1]) / 100 - len(make(0)[1]) / 100
+    base = len(make(0)[1])
+    per = (len(make(100)[1]) - base) / 100
     n = max(1, int((budget - base) / per))
     while n > 1 and len(make(n)[1]) > budget:
         n -= 1
@@ -132,12 +133,17 @@ def evaluate_passkey(
     seed: int = 0,
     max_new_tokens: int = 10,
 ) -> dict:
-    """Passkey accuracy for every (length, depth), ``trials`` prompts each. Returns the result dict (see module)."""
+    """Greedy passkey retrieval for every (length, depth), ``trials`` prompts each.
+
+    Returns ``cells`` (length, depth, accuracy, and per trial: key, answer, correct, prompt_tokens, key_position,
+    seconds), ``prompt_tokens``, ``seconds`` and ``tokens_per_s`` (prompt tokens per second of decoding time).
+    Lengths run in ascending order: transformers' dynamic RoPE keeps the largest table it has seen.
+    """
     if trials < 1:
         raise EvalError(f"--trials must be >= 1, got {trials}")
     cells = []
     tokens = seconds = 0.0
-    for length in lengths:
+    for length in sorted(lengths):
         for depth in depths:
             runs = []
             for trial in range(trials):

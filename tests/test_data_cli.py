@@ -22,8 +22,9 @@ def pack(*args):
 @pytest.mark.slow
 def test_bundled_corpus_at_8192_with_smollm2(tmp_path):
     # One pass of the train split (2.04M tokens) drops one tail of up to 8,191 tokens (up to 0.4%); that is the
-    # honest figure for a single pass (99.68% measured). Five passes (each in its own order) are cut as one stream, so one tail
-    # (< 8,192 tokens) is dropped for ~10.2M tokens: efficiency >= 1 - 8191 / 10.2M > 99.9% whatever the tail.
+    # honest figure for a single pass (99.68% measured). Five passes (each in its own order) are cut as one stream,
+    # so one tail (< 8,192 tokens) is dropped for ~10.2M tokens: efficiency >= 1 - 8191 / 10.2M > 99.9% whatever
+    # the tail.
     stats_path = tmp_path / "stats.json"
     proc = pack("--model", "smollm2-135m", "--seq-len", "8192", "--passes", "5", "--cache-dir", str(tmp_path / "c"),
                 "--stats-out", str(stats_path))

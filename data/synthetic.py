@@ -1,0 +1,90 @@
+"""Synthetic training documents: passkey retrieval samples that fit inside a short native window.
+
+A model only learns to retrieve a pass key if it sees retrieval during training. Each ``passkey`` document is the
+evaluation's own prompt (``eval.passkey.prompt_text``: task statement, filler groups, the key line at some depth,
+more filler, the question) followed by its answer, `` NNNNN.``; the wording lives in eval/passkey.py only, so that
+training and evaluation cannot drift apart. The number of filler groups is drawn uniformly from 0 to
+``max_filler`` and the key's depth uniformly among the possible positions, so short samples (key and question a few
+tokens apart) come with long ones: distance is the curriculum, inside one mix.
+
+A run config uses it as a data source::
+
+    sources:
+      - {kind: bundled, split: train}
+      - {kind: synthetic, name: passkey, max_docs: 20000, weight: 1.0, params: {max_filler: 5, seed: 0}}
+
+``max_filler`` bounds the document's length in the model's tokens: with the testbed tokenizer a document holds
+about 91 + 29.5 x filler-groups tokens, so ``max_filler: 5`` stays under 256 (tests/test_testbed_data.py checks it).
+Documents are a pure function of (index, seed): the same settings give the same documents on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from typing import Any
+
+from data.config import DataError
+
+GENERATOR_VERSION = 1  # bump when the document layout changes: the packed-set cache key includes it
+_PARAMS = {"passkey": {"max_filler": 5, "seed": 0}, "copy": {"max_numbers": 12, "seed": 0}}
+GENERATORS = tuple(_PARAMS)
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Raise DataError (one line) unless ``params`` are valid settings of generator ``name``."""
+    if name not in GENERATORS:
+        raise DataError(f"unknown synthetic generator '{name}'; use one of: {', '.join(GENERATORS)}")
+    valid = _PARAMS[name]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise DataError(f"synthetic {name}: unknown params {', '.join(unknown)}; valid: {', '.join(valid)}")
+    for key, value in params.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            raise DataError(f"synthetic {name}: params.{key} must be a positive integer, got {value!r}")
+
+
+def passkey_document(key: str, n_before: int, n_after: int) -> str:
+    """One training document: the evaluation prompt with the key after ``n_before`` filler groups and ``n_after``
+    groups before the question, then the answer (`` <key>.``, as the model should continue the prompt)."""
+    from eval.passkey import prompt_text
+
+    return f"{prompt_text(key, n_before, n_after)} {key}."
+
+
+def passkey_sample(index: int, max_filler: int, seed: int = 0) -> tuple[str, str, int, int]:
+    """Document ``index`` of the stream: (text, key, n_before, n_after); a pure function of its arguments."""
+    rng = random.Random(f"synthetic-passkey/{seed}/{index}")
+    n = rng.randint(0, max_filler)
+    before = rng.randint(0, n)
+    key = str(rng.randint(10000, 99999))
+    return passkey_document(key, before, n - before), key, before, n - before
+
+
+def copy_sample(index: int, max_numbers: int, seed: int = 0) -> str:
+    """Document ``index`` of the ``copy`` stream: 1 to ``max_numbers`` random 5-digit numbers, then the same list
+    again. Every digit of the second list is predictable only by looking it up in the first, so these documents
+    train the look-up (an induction head) with a dense signal; the passkey answer is that look-up."""
+    rng = random.Random(f"synthetic-copy/{seed}/{index}")
+    numbers = " ".join(str(rng.randint(10000, 99999)) for _ in range(rng.randint(1, max_numbers)))
+    return f"Numbers: {numbers}. Again: {numbers}."
+
+
+def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
+    """``n_docs`` documents of generator ``name`` with ``params`` (see module docstring)."""
+    check_params(name, params)
+    p = {**_PARAMS[name], **params}
+    if name == "copy":
+        return [copy_sample(i, p["max_numbers"], p["seed"]) for i in range(n_docs)]
+    return [passkey_sample(i, p["max_filler"], p["seed"])[0] for i in range(n_docs)]
+
+
+def fingerprint(name: str) -> str:
+    """What the packed-set cache must know beyond the source's settings: the generator's version and the prompt
+    wording it copies from eval/passkey.py (a changed wording must not reuse old rows)."""
+    from eval import passkey
+
+    parts = [GENERATOR_VERSION, name, passkey.PROMPT_VERSION, passkey.TASK, passkey.FILLER, passkey.KEY_LINE,
+             passkey.QUESTION]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()

@@ -1,0 +1,550 @@
+"""A sweep: one train.py run (train, then eval) per point of a grid of config values, then one comparison table.
+
+    python launch/sweep.py --config configs/sweeps/cpu_tiny.yaml [--set key=value ...] [--parallel N]
+    python launch/sweep.py --config configs/sweeps/cpu_tiny.yaml --dry-run          # configs + memory plans
+    python launch/sweep.py --config configs/sweeps/cpu_tiny.yaml --training-free    # eval only, base model
+    python launch/sweep.py --config configs/sweeps/cpu_tiny.yaml --emit-wandb-sweep sweep.yaml
+
+A sweep YAML (``configs/sweeps/``) names a base run config, a grid of dotted config keys to lists of values, the
+overrides every run gets, and how runs are launched::
+
+    name: cpu_tiny                     # W&B group of every run, and the default sweep folder's name
+    base: configs/cpu_tiny.yaml
+    grid: {rope.method: [linear, ntk_aware, yarn], rope.factor: [2, 4]}
+    overrides: {output.dir: runs/sweeps/cpu_tiny, train.max_steps: 6}
+    launcher: {kind: python, nproc: 1, parallel: 1}     # or deepspeed / torchrun with nproc GPUs per run
+
+The sweep folder is ``output.dir`` after the overrides and ``--set`` (so ``--set output.dir=X`` moves the whole
+sweep); run ``<point>`` is written to ``<sweep>/<point>/`` (e.g. ``method-yarn_factor-4``) by an ordinary
+``train.py --resume auto`` with ``--set`` overrides, its log to ``<sweep>/logs/<point>.log``. A run is finished when
+its ``sweep_run.json`` records the same overrides and its ``merged/`` model and eval results exist: a rerun skips it.
+An interrupted run resumes from its newest complete checkpoint (train.py's ``--resume auto``). At the end
+``eval.compare`` over every finished run writes ``compare.md``, ``compare.csv`` and the plots into the sweep folder,
+and ``sweep.json`` records each run's status.
+
+``--training-free`` evaluates the base model under each point's RoPE method and factor (``eval.perplexity`` and
+``eval.passkey`` with ``--rope/--factor``, the base config's ``eval:`` settings) into ``<sweep>/training-free/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if __package__ in (None, ""):  # `python launch/sweep.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.schema import ConfigError, RunConfig, load_run_config, parse_overrides  # noqa: E402
+from eval.common import write_atomic  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "sweep_run.json"
+ROPE_KEYS = ("rope.method", "rope.factor")
+
+
+class SweepError(ConfigError):
+    """A sweep that cannot run; one line naming the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------- the config
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Launcher(_Model):
+    kind: Literal["python", "deepspeed", "torchrun"] = "python"
+    """How each run starts: `python train.py` (one process), the `deepspeed` launcher, or `torchrun`."""
+    nproc: int = Field(default=1, ge=1)
+    """Processes (GPUs) per run."""
+    parallel: int = Field(default=1, ge=1)
+    """Runs at once; on GPUs each gets its own `nproc` devices (`--parallel` overrides it)."""
+    devices: list[int] | None = None
+    """GPU ids shared out among parallel runs; default: every visible GPU."""
+
+
+class SweepConfig(_Model):
+    name: str
+    """The sweep's name: the W&B group of its runs."""
+    base: str
+    """The run config every point starts from."""
+    grid: dict[str, list[Any]]
+    """Dotted config keys to the values to sweep; one run per combination."""
+    overrides: dict[str, Any] = {}
+    """Dotted config keys set in every run (before `--set` from the command line)."""
+    launcher: Launcher = Launcher()
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            raise ValueError(f"must be letters, digits, '.', '_' or '-' (it names a W&B group), got '{v}'")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("is empty; give at least one key with a list of values")
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"'{key}' has no values")
+            if len({json.dumps(x, sort_keys=True) for x in values}) != len(values):
+                raise ValueError(f"'{key}' lists a value twice")
+        return v
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise SweepError(f"{path}: {key}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+# ------------------------------------------------------------------------------------------------------- the runs
+
+
+def yaml_value(value: Any) -> str:
+    """A value as one line of YAML, the form ``--set key=value`` parses back (``yarn``, ``4``, ``[a, b]``)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = value if isinstance(value, str) else yaml_value(value)
+    return re.sub(r"[^A-Za-z0-9._]+", "-", str(text)).strip("-")
+
+
+def run_name(point: dict[str, Any]) -> str:
+    """``{"rope.method": "yarn", "rope.factor": 4.0}`` -> ``method-yarn_factor-4`` (last key part, full key where two
+    keys share it)."""
+    short = [k.rsplit(".", 1)[-1] for k in point]
+    names = [s if short.count(s) == 1 else k.replace(".", "-") for k, s in zip(point, short)]
+    return "_".join(f"{n}-{_label(v)}" for n, v in zip(names, point.values()))
+
+
+@dataclass
+class Run:
+    name: str
+    point: dict[str, Any]
+    folder: Path
+    base: str  # the run config path
+    sets: list[str]  # every --set of this run, in order
+    cfg: RunConfig
+
+
+@dataclass
+class Sweep:
+    config: SweepConfig
+    folder: Path
+    runs: list[Run]
+    training_free: bool
+
+
+def plan_sweep(sc: SweepConfig, cli_sets: list[str], training_free: bool = False,
+               only: dict[str, Any] | None = None) -> Sweep:
+    """Resolve every run's config (all validated before anything starts)."""
+    base_sets = [f"{k}={yaml_value(v)}" for k, v in sc.overrides.items()] + list(cli_sets)
+    set_keys = {k for k, _ in parse_overrides(base_sets)}
+    for key in sc.grid:
+        if key in set_keys:
+            raise SweepError(f"'{key}' is both a grid key and an override (--set or overrides:); drop one")
+        if key in ("output.dir", "wandb.group"):
+            raise SweepError(f"grid key '{key}' is set by the sweep itself; choose another key")
+    if training_free:
+        bad = [k for k in sc.grid if k not in ROPE_KEYS and not k.startswith("rope.params.")]
+        if bad:
+            raise SweepError(f"--training-free evaluates the base model, so the grid may only hold rope.method, "
+                             f"rope.factor and rope.params.*; drop {', '.join(bad)}")
+    try:
+        base = load_run_config(sc.base, base_sets)
+    except ConfigError as e:
+        raise SweepError(f"base config {sc.base}: {e}") from None
+    folder = Path(base.output.dir) / ("training-free" if training_free else "")
+    points = [dict(zip(sc.grid, values)) for values in itertools.product(*sc.grid.values())]
+    if only is not None:
+        if set(only) != set(sc.grid):
+            raise SweepError(f"--point needs exactly the grid keys {', '.join(sc.grid)}; got {', '.join(only)}")
+        points = [{k: only[k] for k in sc.grid}]
+    runs = []
+    # the sweep sets each run's folder and W&B group itself (last, so they win)
+    kept = [s for s, (k, _) in zip(base_sets, parse_overrides(base_sets)) if k not in ("output.dir", "wandb.group")]
+    for point in points:
+        name = run_name(point)
+        sets = kept + [f"{k}={yaml_value(v)}" for k, v in point.items()] + [
+            f"output.dir={folder / name}", f"wandb.group={sc.name}"]
+        try:
+            cfg = load_run_config(sc.base, sets)
+        except ConfigError as e:
+            raise SweepError(f"run {name}: {e}") from None
+        if training_free and cfg.eval is None:
+            raise SweepError(f"--training-free needs an eval: section in {sc.base} (or in overrides:)")
+        runs.append(Run(name, point, folder / name, sc.base, sets, cfg))
+    if len({r.name for r in runs}) != len(runs):
+        raise SweepError("two grid points give the same run name; make the values differ after slugging")
+    return Sweep(sc, folder, runs, training_free)
+
+
+def eval_commands(run: Run) -> list[list[str]]:
+    """Training-free: the eval CLI commands of one point (base model, RoPE method and factor applied)."""
+    cfg, e = run.cfg, run.cfg.eval
+    if cfg.model.arch or cfg.model.tokenizer or cfg.model.init == "scratch":
+        raise SweepError("--training-free evaluates the base model as the eval CLIs load it; model.arch, "
+                         "model.tokenizer and model.init: scratch are not supported there")
+    model = ["--model", cfg.model.name, "--rope", cfg.rope.method, "--factor", str(cfg.rope.factor),
+             "--out", str(run.folder)]
+    if cfg.rope.params:
+        model += ["--rope-params", json.dumps(cfg.rope.params)]
+    if cfg.rope.original_len:
+        model += ["--original-len", str(cfg.rope.original_len)]
+    commands = []
+    if e.perplexity_lengths:
+        commands.append(["-m", "eval.perplexity", *model, "--lengths", ",".join(map(str, e.perplexity_lengths)),
+                         "--mode", e.perplexity_mode] + (["--stride", str(e.stride)] if e.stride else []))
+    if e.passkey_lengths:
+        commands.append(["-m", "eval.passkey", *model, "--lengths", ",".join(map(str, e.passkey_lengths)),
+                         "--depths", ",".join(map(str, e.passkey_depths)), "--trials", str(e.passkey_trials)])
+    if not commands:
+        raise SweepError("--training-free: the eval: section lists no perplexity_lengths or passkey_lengths")
+    return commands
+
+
+def signature(run: Run, training_free: bool) -> dict:
+    """What a finished run's marker must match to be skipped."""
+    if training_free:
+        return {"mode": "training-free", "commands": eval_commands(run)}
+    return {"mode": "train", "sets": run.sets}
+
+
+def _eval_kinds(cfg: RunConfig) -> list[str]:
+    e = cfg.eval
+    return [] if e is None else [k for k, lengths in (("perplexity", e.perplexity_lengths),
+                                                      ("passkey", e.passkey_lengths)) if lengths]
+
+
+def results_folder(run: Run, training_free: bool) -> Path:
+    """Where eval.compare finds this run's results."""
+    return run.folder if training_free else run.folder / "eval"
+
+
+def is_finished(run: Run, training_free: bool) -> bool:
+    marker = run.folder / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())["signature"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    if recorded != signature(run, training_free):
+        return False
+    if not training_free and not (run.folder / "merged" / "config.json").is_file():
+        return False
+    found = results_folder(run, training_free)
+    return all(any(found.rglob(f"{kind}.json")) for kind in _eval_kinds(run.cfg))
+
+
+def state_of(run: Run, training_free: bool) -> str:
+    """finished | resumes from step-N | new."""
+    if is_finished(run, training_free):
+        return "finished"
+    from train import _complete_checkpoints  # what `--resume auto` will pick
+
+    complete = [] if training_free else _complete_checkpoints(run.folder)
+    return f"resumes from {complete[-1].name}" if complete else "new"
+
+
+# ------------------------------------------------------------------------------------------------------ launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (deepspeed, torchrun), else whatever PATH has."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def train_command(run: Run, launcher: Launcher, devices: list[int] | None) -> list[str]:
+    """The train.py command line of one run; ``devices`` are this run's GPUs (None on a CPU machine)."""
+    args = [str(ROOT / "train.py"), "--config", run.base, *[a for s in run.sets for a in ("--set", s)],
+            "--resume", "auto"]
+    if launcher.kind == "python":
+        return [sys.executable, *args]
+    port = str(_free_port())  # parallel runs on one machine need one rendezvous port each
+    if launcher.kind == "deepspeed":
+        # The deepspeed launcher ignores CUDA_VISIBLE_DEVICES once told how many GPUs to use: name them instead.
+        where = (["--include", "localhost:" + ",".join(map(str, devices))] if devices
+                 else ["--num_gpus", str(launcher.nproc)])
+        return [_tool("deepspeed"), *where, "--master_port", port, *args]
+    return [_tool("torchrun"), "--nproc_per_node", str(launcher.nproc), "--master_port", port, *args]
+
+
+def run_commands(run: Run, sweep: Sweep, devices: list[int] | None) -> list[list[str]]:
+    if sweep.training_free:
+        return [[sys.executable, *cmd] for cmd in eval_commands(run)]
+    return [train_command(run, sweep.config.launcher, devices)]
+
+
+def device_slots(launcher: Launcher, parallel: int) -> list[list[int] | None]:
+    """One device group per parallel slot: ``nproc`` GPUs each, or None for every slot on a CPU machine."""
+    devices = launcher.devices
+    if devices is None:
+        import torch
+
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    if not devices:
+        return [None] * parallel
+    need = parallel * launcher.nproc
+    if len(devices) < need:
+        raise SweepError(f"{parallel} parallel run(s) x {launcher.nproc} GPU(s) need {need} GPUs, {len(devices)} "
+                         "available; lower --parallel or launcher.nproc")
+    return [devices[k * launcher.nproc:(k + 1) * launcher.nproc] for k in range(parallel)]
+
+
+def _say(msg: str) -> None:
+    print(f"[sweep] {msg}", flush=True)
+
+
+class _Children:
+    """The subprocesses running now, so that a SIGTERM to the sweep reaches them (train.py saves and exits)."""
+
+    def __init__(self):
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def forward(self, signum, _frame):
+        self.stopping = True
+        with self.lock:
+            for p in self.procs:
+                p.send_signal(signum)
+
+
+def execute_run(run: Run, sweep: Sweep, devices: list[int] | None, parallel: int, children: _Children) -> dict:
+    """Run one point to completion (or failure); write its marker when every command succeeded."""
+    record = {"name": run.name, "point": run.point, "folder": str(run.folder)}
+    if children.stopping:
+        return dict(record, status="not started")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    launcher = sweep.config.launcher
+    if devices is None and "OMP_NUM_THREADS" not in env:
+        # CPU: share the cores among the parallel runs' processes (oversubscribed threads cost 30x, FIELD_NOTES)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (parallel * launcher.nproc)))
+    elif devices is not None and launcher.kind != "deepspeed":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+    log_path = sweep.folder / "logs" / f"{run.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    _say(f"start {run.name} ({state_of(run, sweep.training_free)}); log {log_path}")
+    with open(log_path, "a") as log:
+        for cmd in run_commands(run, sweep, devices):
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+            log.flush()
+            with children.lock:
+                if children.stopping:
+                    return dict(record, status="interrupted")
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                children.procs.add(proc)
+            rc = proc.wait()
+            with children.lock:
+                children.procs.discard(proc)
+            if rc != 0:
+                tail = [ln for ln in log_path.read_text().splitlines() if ln.strip()][-1:] or [""]
+                status = "interrupted" if children.stopping else "failed"
+                _say(f"{status.upper()} {run.name} (exit {rc}): {tail[0][:300]}  log: {log_path}")
+                return dict(record, status=status, exit_code=rc, seconds=round(time.monotonic() - start, 1))
+    seconds = round(time.monotonic() - start, 1)
+    write_atomic(run.folder / MARKER, json.dumps({"signature": signature(run, sweep.training_free),
+                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                   "seconds": seconds}, indent=1) + "\n")
+    _say(f"done {run.name} ({seconds} s)")
+    return dict(record, status="finished", seconds=seconds)
+
+
+def execute(sweep: Sweep, parallel: int, compare: bool = True) -> int:
+    """Run every unfinished point (``parallel`` at a time), then compare; returns the exit status."""
+    slots = device_slots(sweep.config.launcher, parallel)
+    children = _Children()
+    previous = {s: signal.signal(s, children.forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    _say(f"{sweep.config.name}: {len(sweep.runs)} run(s) in {sweep.folder}"
+         + (" (training-free)" if sweep.training_free else f" (W&B group {sweep.config.name})"))
+    records: dict[str, dict] = {}
+    todo = []
+    for run in sweep.runs:
+        if is_finished(run, sweep.training_free):
+            _say(f"skip {run.name}: finished")
+            records[run.name] = {"name": run.name, "point": run.point, "folder": str(run.folder),
+                                 "status": "finished", "skipped": True}
+        else:
+            todo.append(run)
+    free = list(range(len(slots)))
+    free_lock = threading.Lock()
+
+    def one(run: Run) -> dict:
+        with free_lock:
+            slot = free.pop()
+        try:
+            return execute_run(run, sweep, slots[slot], parallel, children)
+        finally:
+            with free_lock:
+                free.append(slot)
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+            for record in pool.map(one, todo):
+                records[record["name"]] = record
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    ordered = [records[r.name] for r in sweep.runs]
+    status = 0 if all(r["status"] == "finished" for r in ordered) else 1
+    summary = {"name": sweep.config.name, "folder": str(sweep.folder),
+               "mode": "training-free" if sweep.training_free else "train", "runs": ordered, "compare": None}
+    if compare and not children.stopping:
+        summary["compare"], ok = compare_runs(sweep)
+        status = status or (0 if ok else 1)
+    write_atomic(sweep.folder / "sweep.json", json.dumps(summary, indent=1) + "\n")
+    failed = [r["name"] for r in ordered if r["status"] != "finished"]
+    _say(f"{len(ordered) - len(failed)}/{len(ordered)} run(s) finished" + (f"; not finished: {', '.join(failed)}"
+                                                                         if failed else ""))
+    if children.stopping:
+        return 128 + signal.SIGTERM
+    return status
+
+
+def compare_runs(sweep: Sweep) -> tuple[list[str] | None, bool]:
+    """``eval.compare`` over the finished runs' results into the sweep folder: (files written, ok)."""
+    folders = [str(results_folder(r, sweep.training_free)) for r in sweep.runs
+               if is_finished(r, sweep.training_free) and _eval_kinds(r.cfg)]
+    if not folders:
+        _say("no finished run has eval results (no eval: section?); no comparison table")
+        return None, True
+    cmd = [sys.executable, "-m", "eval.compare", *folders, "--out", str(sweep.folder), "--json"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        _say(f"eval.compare failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or [''])[-1]}")
+        return None, False
+    files = json.loads(r.stdout.strip().splitlines()[-1])["files"]
+    _say(f"comparison of {len(folders)} run(s): {', '.join(files)}")
+    return files, True
+
+
+# ------------------------------------------------------------------------------------------------ dry run, W&B
+
+
+def dry_run(sweep: Sweep, gpu_mem_gib: float) -> str:
+    """Each run's state and command; for training runs each one's memory total, then the resolved config and full
+    memory plan of the run that needs the most."""
+    from launch.memory import format_plan, plan_memory
+
+    launcher = sweep.config.launcher
+    lines = [f"sweep {sweep.config.name}: {len(sweep.runs)} run(s) in {sweep.folder}; launcher {launcher.kind} x "
+             f"{launcher.nproc} process(es), {launcher.parallel} at a time"]
+    plans = {}
+    for run in sweep.runs:
+        lines.append(f"  {run.name}: {state_of(run, sweep.training_free)}")
+        for cmd in run_commands(run, sweep, None):
+            lines.append(f"    {shlex.join(cmd)}")
+        if not sweep.training_free:
+            plans[run.name] = plan = plan_memory(run.cfg, launcher.nproc, gpu_mem_gib)
+            lines.append(f"    memory per GPU {plan.total / 2**30:.3f} GiB: "
+                         f"{'fits' if plan.fits else 'does NOT fit'} in {gpu_mem_gib:g} GiB")
+    if plans:
+        name = max(plans, key=lambda n: plans[n].total)
+        run = next(r for r in sweep.runs if r.name == name)
+        resolved = yaml.safe_dump(json.loads(run.cfg.model_dump_json()), sort_keys=False)
+        lines += ["", f"resolved config of {name} (the largest memory plan):", resolved, format_plan(plans[name])]
+    return "\n".join(lines)
+
+
+def wandb_sweep_yaml(sc: SweepConfig, sweep_path: str, cli_sets: list[str]) -> str:
+    """A W&B sweep (grid) whose agent runs each point through this script, so that folders, overrides and the
+    W&B group are the same as in a plain sweep run."""
+    doc = {
+        "name": sc.name,
+        "program": "launch/sweep.py",
+        "method": "grid",
+        "metric": {"name": "loss", "goal": "minimize"},
+        "parameters": {k: {"values": list(v)} for k, v in sc.grid.items()},
+        "command": ["${env}", "${interpreter}", "${program}", "--config", sweep_path,
+                    *[a for s in cli_sets for a in ("--set", s)], "--point", "${args_no_hyphens}"],
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python launch/sweep.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run-config key in every run, e.g. --set output.dir=runs/sweeps/x")
+    ap.add_argument("--parallel", type=int, default=None, help="runs at once (default: launcher.parallel)")
+    ap.add_argument("--training-free", action="store_true", help="evaluate the base model only, no training")
+    ap.add_argument("--dry-run", action="store_true", help="print runs, commands, configs and memory plans")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory for --dry-run's plans")
+    ap.add_argument("--emit-wandb-sweep", metavar="OUT.yaml", help="write a W&B sweep YAML and exit")
+    ap.add_argument("--point", nargs="+", metavar="KEY=VALUE",
+                    help="run only this grid point (what the W&B sweep's agent calls)")
+    args = ap.parse_args(argv)
+    try:
+        sc = load_sweep(args.config)
+        parallel = args.parallel or sc.launcher.parallel
+        if parallel < 1:
+            raise SweepError(f"--parallel must be >= 1, got {parallel}")
+        if sc.launcher.kind == "python" and sc.launcher.nproc != 1:
+            raise SweepError("launcher.kind python runs one process; use deepspeed or torchrun for nproc > 1")
+        only = dict(parse_overrides(args.point)) if args.point else None
+        sweep = plan_sweep(sc, args.set, args.training_free, only)
+        if args.emit_wandb_sweep:
+            write_atomic(Path(args.emit_wandb_sweep), wandb_sweep_yaml(sc, args.config, args.set))
+            _say(f"wrote {args.emit_wandb_sweep}: `wandb sweep {args.emit_wandb_sweep}`, then `wandb agent <id>`")
+            return 0
+        if args.dry_run:
+            print(dry_run(sweep, args.gpu_mem_gib))
+            return 0
+        sweep.folder.mkdir(parents=True, exist_ok=True)
+        if only is None:
+            write_atomic(sweep.folder / "sweep.yaml", yaml.safe_dump(sc.model_dump(), sort_keys=False))
+        return execute(sweep, parallel, compare=only is None)
+    except ValueError as e:  # SweepError, ConfigError, MemoryPlanError, ...: one line with the fix
+        if type(e) is ValueError:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

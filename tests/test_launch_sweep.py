@@ -1,0 +1,250 @@
+"""launch/sweep.py: grid expansion, validation and commands (fast), then real sweeps of train.py runs on the tiny
+model (slow): 3 methods x 2 factors end to end with the table and plots, a rerun that skips everything, a sweep
+killed mid-run and restarted that reproduces the uninterrupted results, an eval-only sweep, and the W&B sweep file."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from configs.schema import parse_overrides
+from launch.sweep import (
+    Launcher,
+    SweepError,
+    device_slots,
+    eval_commands,
+    load_sweep,
+    plan_sweep,
+    run_name,
+    train_command,
+    yaml_value,
+)
+from launch.sweep import main as sweep_main  # in-process: the CLI without a new interpreter
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "configs/sweeps/cpu_tiny.yaml"
+
+
+# ------------------------------------------------------------------------------------------------ fast: planning
+
+
+def test_grid_gives_one_run_per_point_with_the_sweep_folder_group_and_overrides(tmp_path):
+    sweep = plan_sweep(load_sweep(SWEEP), [f"output.dir={tmp_path}/s", "train.seed=3"])
+    assert [r.name for r in sweep.runs] == [
+        "method-linear_factor-2", "method-linear_factor-4", "method-ntk_aware_factor-2",
+        "method-ntk_aware_factor-4", "method-yarn_factor-2", "method-yarn_factor-4"]
+    assert sweep.folder == tmp_path / "s"
+    for run in sweep.runs:
+        cfg = run.cfg
+        assert (cfg.rope.method, cfg.rope.factor) == (run.point["rope.method"], run.point["rope.factor"])
+        assert Path(cfg.output.dir) == tmp_path / "s" / run.name
+        assert cfg.wandb.group == "cpu_tiny" and cfg.train.seed == 3 and cfg.train.max_steps == 6
+        assert cfg.eval.passkey_lengths == [512, 1024]
+
+
+def test_set_values_round_trip_through_yaml():
+    for value in ["yarn", 4, 2.5, True, None, [1, 2], {"a": [0.5, "x"]}, "yes", "1e3", "a: b"]:
+        assert parse_overrides([f"k={yaml_value(value)}"]) == [("k", value)]
+
+
+def test_run_names():
+    assert run_name({"rope.method": "ntk_by_parts", "rope.factor": 8.0}) == "method-ntk_by_parts_factor-8"
+    assert run_name({"rope.factor": 2.5, "train.lr": 1e-4}) == "factor-2.5_lr-0.0001"
+    assert run_name({"rope.params.alpha": 1, "x.alpha": 2}) == "rope-params-alpha-1_x-alpha-2"
+
+
+@pytest.mark.parametrize("text,sets,message", [
+    ("grid: {rope.method: []}", [], "grid: 'rope.method' has no values"),
+    ("grid: {rope.factor: [2, 2]}", [], "lists a value twice"),
+    ("grid: {rope.factor: [2]}\nbogus: 1", [], "bogus: Extra inputs are not permitted"),
+    ("grid: {rope.factor: [2]}", ["rope.factor=3"], "'rope.factor' is both a grid key and an override"),
+    ("grid: {rope.factr: [2]}", [], "unknown config key 'rope.factr'; did you mean 'rope.factor'?"),
+    ("grid: {rope.factor: [0.5]}", [], "run factor-0.5: rope"),
+    ("grid: {output.dir: [a, b]}", [], "set by the sweep itself"),
+])
+def test_bad_sweeps_fail_with_one_line(tmp_path, text, sets, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nbase: configs/cpu_tiny.yaml\n{text}\n")
+    with pytest.raises(SweepError) as err:
+        plan_sweep(load_sweep(path), sets)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_training_free_grid_only_takes_rope_keys_and_builds_eval_commands(tmp_path):
+    sc = load_sweep(SWEEP)
+    sweep = plan_sweep(sc, [f"output.dir={tmp_path}"], training_free=True)
+    assert sweep.folder == tmp_path / "training-free"
+    ppl, pk = eval_commands(sweep.runs[-1])
+    assert ppl[:10] == ["-m", "eval.perplexity", "--model", "tiny-llama", "--rope", "yarn", "--factor", "4.0",
+                        "--out", str(tmp_path / "training-free" / "method-yarn_factor-4")]
+    assert ppl[-4:] == ["--lengths", "256,512,1024", "--mode", "truncate"]
+    assert pk[1] == "eval.passkey" and "512,1024" in pk
+    bad = sc.model_copy(update={"grid": {"rope.factor": [2], "train.lr": [1e-3]}})
+    with pytest.raises(SweepError, match="drop train.lr"):
+        plan_sweep(bad, [], training_free=True)
+
+
+def test_launch_commands_and_gpu_slots(tmp_path):
+    run = plan_sweep(load_sweep(SWEEP), [f"output.dir={tmp_path}"]).runs[0]
+    ds = train_command(run, Launcher(kind="deepspeed", nproc=2), [2, 3])
+    assert ds[1:3] == ["--include", "localhost:2,3"] and ds[3] == "--master_port"
+    assert ds[5].endswith("train.py") and ds[-2:] == ["--resume", "auto"]
+    tr = train_command(run, Launcher(kind="torchrun", nproc=4), None)
+    assert tr[1:3] == ["--nproc_per_node", "4"] and "--set" in tr
+    assert device_slots(Launcher(nproc=2, devices=[0, 1, 2, 3]), 2) == [[0, 1], [2, 3]]
+    with pytest.raises(SweepError, match="need 6 GPUs, 4 available"):
+        device_slots(Launcher(nproc=3, devices=[0, 1, 2, 3]), 2)
+    assert device_slots(Launcher(devices=[]), 3) == [None, None, None]
+
+
+# ------------------------------------------------------------------------------------------- slow: real sweeps
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _sweep(*args, config=SWEEP, check=True):
+    r = subprocess.run([sys.executable, "launch/sweep.py", "--config", str(config), *args], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=900)
+    if check and r.returncode != 0:
+        raise AssertionError(f"sweep failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _table(folder: Path) -> dict[tuple, dict]:
+    """compare.csv keyed by (method, factor), without the columns that name folders."""
+    with open(folder / "compare.csv") as f:
+        return {(r["method"], float(r["factor"])): {k: v for k, v in r.items() if k not in ("run", "model")}
+                for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def full_sweep(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep") / "cpu_tiny"
+    r = _sweep("--set", f"output.dir={folder}", "--parallel", "2")
+    return folder, r
+
+
+@pytest.mark.slow
+def test_cpu_sweep_of_three_methods_by_two_factors_writes_table_and_plots(full_sweep):
+    folder, r = full_sweep
+    table = _table(folder)
+    assert set(table) == {(m, f) for m in ("linear", "ntk_aware", "yarn") for f in (2.0, 4.0)}
+    for row in table.values():
+        assert row["fine_tuned"] == "True"
+        assert all(float(row[f"ppl@{L}"]) > 1 for L in (256, 512, 1024))
+        assert row["passkey@512"] != "" and row["passkey@1024"] != ""
+    assert (folder / "perplexity.png").stat().st_size > 1000 and (folder / "passkey.png").stat().st_size > 1000
+    summary = json.loads((folder / "sweep.json").read_text())
+    assert [x["status"] for x in summary["runs"]] == ["finished"] * 6
+    for run in (folder / x["name"] for x in summary["runs"]):
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["wandb"]["group"] == "cpu_tiny" and saved["output"]["dir"] == str(run)
+        assert len(_losses(run)) == 6 and (run / "merged" / "config.json").is_file()
+        assert list((run / "wandb").glob("offline-run-*"))
+    # the scaling is the run's: factor 4 runs export a config that says so
+    merged = json.loads((folder / "method-yarn_factor-4" / "merged" / "config.json").read_text())
+    assert merged["rope_parameters"]["factor"] == 4.0
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_finished_run(full_sweep):
+    folder, _ = full_sweep
+    logs = {p: p.stat().st_size for p in (folder / "logs").glob("*.log")}
+    markers = {p: p.stat().st_mtime_ns for p in folder.glob("*/sweep_run.json")}
+    before = _table(folder)
+    r = _sweep("--set", f"output.dir={folder}")
+    assert r.stdout.count("[sweep] skip ") == 6 and "[sweep] start " not in r.stdout
+    assert {p: p.stat().st_size for p in logs} == logs  # no run was launched
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+    assert _table(folder) == before  # the table is rebuilt from the same results
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_run_and_restarted_gives_the_same_results(full_sweep, tmp_path):
+    reference, _ = full_sweep
+    # One of the six points (same settings, so the same run as in the full sweep), killed while it trains.
+    spec = yaml.safe_load(SWEEP.read_text())
+    spec["grid"] = {"rope.method": ["yarn"], "rope.factor": [4]}
+    config = tmp_path / "one.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    folder = tmp_path / "one"
+    victim = folder / "method-yarn_factor-4"
+    sets = ["--set", f"output.dir={folder}", "--set", "wandb.enabled=false"]
+    proc = subprocess.Popen([sys.executable, "launch/sweep.py", "--config", str(config), *sets], cwd=ROOT,
+                            env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        metrics = victim / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:  # past the step-2 checkpoint
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its train.py, as a node failure would
+    proc.wait()
+    assert not (victim / "sweep_run.json").exists() and not (victim / "merged").exists()
+    assert list((victim / "checkpoints").glob("step-*"))
+
+    r = _sweep(*sets, config=config)
+    assert "[sweep] start method-yarn_factor-4 (resumes from step-" in r.stdout
+    assert _losses(victim) == _losses(reference / victim.name)
+    assert _table(folder) == {("yarn", 4.0): _table(reference)[("yarn", 4.0)]}
+    assert "[sweep] skip method-yarn_factor-4" in _sweep(*sets, config=config).stdout
+
+
+@pytest.mark.slow
+def test_training_free_sweep_evaluates_the_base_model(tmp_path):
+    spec = yaml.safe_load(SWEEP.read_text())
+    spec["grid"] = {"rope.method": ["linear", "yarn"], "rope.factor": [4]}
+    config = tmp_path / "tf.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    _sweep("--set", f"output.dir={tmp_path}", "--set", "eval.passkey_lengths=[]", "--training-free", config=config)
+    table = _table(tmp_path / "training-free")
+    assert set(table) == {("linear", 4.0), ("yarn", 4.0)}
+    assert all(row["fine_tuned"] == "False" for row in table.values())
+    # different methods give different perplexities at 4x the native context
+    assert table[("linear", 4.0)]["ppl@1024"] != table[("yarn", 4.0)]["ppl@1024"]
+    assert not list(tmp_path.glob("training-free/*/merged"))
+
+
+@pytest.mark.slow
+def test_emitted_wandb_sweep_runs_the_same_point_through_this_script(tmp_path):
+    out = tmp_path / "wandb_sweep.yaml"
+    args = ["--config", str(SWEEP), "--set", f"output.dir={tmp_path}/s", "--emit-wandb-sweep", str(out)]
+    assert sweep_main(args) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc["method"] == "grid" and doc["program"] == "launch/sweep.py"
+    assert doc["parameters"] == {"rope.method": {"values": ["linear", "ntk_aware", "yarn"]},
+                                 "rope.factor": {"values": [2, 4]}}
+    # what `wandb agent` runs for one point: ${args_no_hyphens} becomes key=value words
+    command = [{"${env}": None, "${interpreter}": sys.executable, "${program}": doc["program"]}.get(a, a)
+               for a in doc["command"]]
+    command = [a for a in command if a is not None]
+    i = command.index("${args_no_hyphens}")
+    command[i:i + 1] = ["rope.method=ntk_aware", "rope.factor=4"]
+    r = subprocess.run(command + ["--dry-run"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "1 run(s)" in r.stdout and "method-ntk_aware_factor-4: new" in r.stdout
+    assert f"output.dir={tmp_path}/s/method-ntk_aware_factor-4" in r.stdout
+
+
+def test_sweep_dry_run_prints_commands_configs_and_memory_plans(tmp_path, capsys):
+    assert sweep_main(["--config", str(SWEEP), "--set", f"output.dir={tmp_path}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("memory per GPU") == 6 and "memory plan per GPU" in out
+    assert "resolved config of" in out and "group: cpu_tiny" in out
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing was written
