@@ -51,6 +51,25 @@ class TrainError(ValueError):
     """A run that cannot go on; ``main`` prints it as one ``error:`` line and exits with status 2."""
 
 
+class Preempted(Exception):
+    """SIGTERM arrived (a scheduler's preemption): the run saved a checkpoint and stops; ``main`` exits 143."""
+
+
+_SIGTERM = {"received": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Only note it: the step in flight finishes, then every rank saves together (see _stop_requested).
+    _SIGTERM["received"] = True
+
+
+def _stop_requested(device: torch.device) -> bool:
+    """True on every rank once any rank got SIGTERM (the launcher may signal only some of them)."""
+    flag = torch.tensor([1.0 if _SIGTERM["received"] else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _fail(msg: str) -> None:
     raise TrainError(msg)
 
@@ -184,19 +203,30 @@ def _build_model(cfg: RunConfig, model_config, precision: str, attn: str, dtype:
     if not cfg.lora.enabled:
         model.float().requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    model = get_peft_model(model, LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM"))
-    for name in _extra_param_names(model, cfg.lora.trainable_extra):
+    model = get_peft_model(model, lora_config(cfg))
+    for name in extra_param_names(model, cfg.lora.trainable_extra):
         param = model.get_parameter(name)
         param.data = param.data.float()
         param.requires_grad_(True)
+    embed = model.get_input_embeddings()
+    if dtype != torch.float32 and embed.weight.dtype == torch.float32:
+        # A trainable fp32 embedding would make the whole residual stream fp32 (twice the checkpointed
+        # activations); hand the layers the base dtype, as an untouched bf16 embedding would.
+        embed.register_forward_hook(lambda module, args, out: out.to(dtype))
     return model
 
 
-def _extra_param_names(model, patterns: list[str]) -> list[str]:
+def lora_config(cfg: RunConfig):
+    """The peft LoraConfig of a run (also used by launch/memory.py to plan the same model)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def extra_param_names(model, patterns: list[str]) -> list[str]:
     """Names of base parameters trained in full beside LoRA: those whose module name ends with a pattern
     (``norm`` matches every RMSNorm, ``embed_tokens`` the embedding; a tied LM head follows the embedding)."""
     names = []
@@ -307,7 +337,7 @@ def _total_steps(cfg: RunConfig, world: int) -> int:
 
 def _prepare_run_dir(cfg: RunConfig, run: Path, resume: str) -> Path | None:
     """Check the run folder against ``--resume``; return the checkpoint to resume from (or None)."""
-    ckpts = _complete_checkpoints(run)
+    ckpts = complete_checkpoints(run)
     saved = run / "config.yaml"
     if resume == "never":
         if ckpts or (run / "merged").exists():
@@ -406,7 +436,7 @@ def _peak_memory_gib(device: torch.device) -> float:
 # ------------------------------------------------------------------------------------------------------ checkpoints
 
 
-def _complete_checkpoints(run: Path) -> list[Path]:
+def complete_checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first. A checkpoint is complete once renamed from its ``.tmp-`` name."""
     folder = run / "checkpoints"
     if not folder.is_dir():
@@ -434,7 +464,7 @@ def _save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_las
     dist.barrier()
     if rank == 0:
         os.replace(tmp, final)
-        for old in _complete_checkpoints(run)[:-keep_last] if keep_last > 0 else []:
+        for old in complete_checkpoints(run)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
     dist.barrier()
     return final
@@ -583,6 +613,7 @@ def train(cfg: RunConfig, resume: str = "never") -> Path:
     model_config = _model_config(cfg)
     ds_config = _ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = _init_distributed(device)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
@@ -666,8 +697,14 @@ def train(cfg: RunConfig, resume: str = "never") -> Path:
                     bar.write(f"[train] step {state['step']}/{total} loss {record['loss']:.4f} "
                               f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
                               f"peak {record['peak_mem_gib']:.2f} GiB")
-            if (cfg.train.save_every and state["step"] % cfg.train.save_every == 0) or state["step"] == total:
+            stop = _stop_requested(device)
+            if (cfg.train.save_every and state["step"] % cfg.train.save_every == 0) or state["step"] == total or stop:
                 last_ckpt = _save_checkpoint(engine, run, state["step"], dict(state), loader, cfg.train.keep_last)
+            if stop and state["step"] < total:
+                if rank == 0:
+                    bar.close()
+                    metrics.close()
+                raise Preempted(f"SIGTERM: saved {last_ckpt} at step {state['step']}; continue with --resume auto")
         if bar is not None:
             bar.close()
             metrics.close()
@@ -736,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
         # Input problems: one line naming the problem and the fix, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        _log(str(e))
+        return 143  # 128 + SIGTERM, as a shell reports a terminated job
     return 0
 
 

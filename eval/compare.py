@@ -26,7 +26,10 @@ KINDS = ("perplexity", "passkey")
 
 
 def _results_in(folder: Path) -> list[Path]:
-    return [d / f"{k}.json" for d in (folder, folder / "eval") for k in KINDS if (d / f"{k}.json").is_file()]
+    """Result files of a result folder, or of a run folder (train.py writes ``<run>/eval/<model slug>/``)."""
+    evals = folder / "eval"
+    dirs = [folder, evals, *(sorted(c for c in evals.iterdir() if c.is_dir()) if evals.is_dir() else [])]
+    return [d / f"{k}.json" for d in dirs for k in KINDS if (d / f"{k}.json").is_file()]
 
 
 def find_results(paths: list[str]) -> list[Path]:
@@ -77,14 +80,14 @@ def table(runs: list[dict]) -> tuple[list[str], list[list]]:
     ppl_lengths = sorted({int(k) for r in runs if r["perplexity"] for k in r["perplexity"]["ppl"]})
     pk_lengths = sorted({int(k) for r in runs if r["passkey"] for k in r["passkey"]["by_length"]})
     header = (["run", "model", "method", "factor", "fine_tuned", "ppl_mode"] + [f"ppl@{L}" for L in ppl_lengths]
-              + [f"passkey@{L}" for L in pk_lengths] + ["passkey_all"])
+              + [f"passkey@{L}" for L in pk_lengths] + (["passkey_all"] if pk_lengths else []))
     rows = []
     for r in runs:
         m, ppl, pk = r["model"], r["perplexity"], r["passkey"]
         row = [m["label"], m["model"], m["method"], m["factor"], m["fine_tuned"], ppl["settings"]["mode"] if ppl else None]
         row += [ppl["ppl"].get(str(L)) if ppl else None for L in ppl_lengths]
         row += [pk["by_length"].get(str(L)) if pk else None for L in pk_lengths]
-        row.append(pk["accuracy"] if pk else None)
+        row += [pk["accuracy"] if pk else None] if pk_lengths else []
         rows.append(row)
     return header, rows
 
@@ -188,7 +191,8 @@ def log_wandb(out: Path, header: list[str], rows: list[list], images: list[Path]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", help="result files, result folders, run folders, or folders of those")
     ap.add_argument("--out", default="results/compare", help="folder for compare.md/.csv and the plots")
     ap.add_argument("--wandb", action="store_true", help="log the table and plots to Weights & Biases")

@@ -306,7 +306,8 @@ def write_perplexity(result: dict, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     ap.add_argument("--data", nargs="+", default=["bundled"],
                     help="'bundled' (held-out book), local .txt/.jsonl files or folders, or one dataset name")
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--text-field", default="text", help="text column (datasets, .jsonl)")
     ap.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="window lengths, comma-separated")
-    ap.add_argument("--mode", choices=MODES, default="sliding", help="perplexity definition (see --help above)")
+    ap.add_argument("--mode", choices=MODES, default="sliding", help="perplexity definition (see above)")
     ap.add_argument("--stride", type=int, default=None, help="sliding stride in tokens (default: length / 2)")
     ap.add_argument("--batch-size", type=int, default=1, help="windows per forward")
     ap.add_argument("--chunk-size", type=int, default=1024, help="positions per LM-head chunk")

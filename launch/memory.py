@@ -185,20 +185,18 @@ def count_params(cfg: RunConfig, config) -> Params:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train import _extra_param_names  # the same selection of trainable extras as the run itself
+    from train import extra_param_names, lora_config  # the same LoRA and trainable extras as the run itself
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     base = model
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         with warnings.catch_warnings():  # peft calls a transformers accessor deprecated in v5: noise here
             warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM"))
-        for name in _extra_param_names(model, cfg.lora.trainable_extra):
+            model = get_peft_model(model, lora_config(cfg))
+        for name in extra_param_names(model, cfg.lora.trainable_extra):
             model.get_parameter(name).requires_grad_(True)
     else:
         model.requires_grad_(True)
@@ -251,11 +249,12 @@ def setup_of(cfg: RunConfig, world: int) -> Setup:
 
 def dtype_bytes(p: Params, s: Setup) -> dict[str, int]:
     """Bytes per element: ``frozen`` base weights; ``act`` matmul outputs (bf16 under autocast); ``resid`` the
-    residual stream, which takes the embedding's dtype (an fp32 trainable embedding makes it fp32: the adds promote);
-    ``norm`` RMSNorm outputs (weight x input, promoted the same way)."""
+    residual stream, which takes the embedding output's dtype (train.py casts a trainable fp32 embedding's output
+    to the bf16 base dtype, so it is fp32 only with an fp32 base); ``norm`` RMSNorm outputs (weight x input: a
+    trainable fp32 norm weight promotes them to fp32)."""
     frozen = 2 if s.precision == "bf16" and s.lora else 4
     act = 2 if s.precision == "bf16" else 4
-    resid = 4 if (p.embed_trainable or frozen == 4) else 2
+    resid = 4 if frozen == 4 else 2
     norm = 4 if (p.norm_trainable or resid == 4) else 2
     return dict(frozen=frozen, act=act, resid=resid, norm=norm)
 
@@ -265,7 +264,8 @@ def layer_activation_bytes(shape: Shape, p: Params, s: Setup) -> int:
 
     Counted from the tensors PyTorch saves (checked against saved-tensor hooks in tests/test_launch_memory.py):
     - each RMSNorm saves its input upcast to fp32 (the first one shares the layer input when that is fp32) and a
-      per-token rsqrt; a trainable norm also keeps its normalized fp32 input for its weight gradient;
+      per-token rsqrt; a trainable norm also keeps its normalized input, cast back to the residual dtype, for its
+      weight gradient;
     - frozen linears save no input; a trainable one (LoRA or full fine-tuning) saves its input: under bf16 autocast
       each module its own bf16 copy, in fp32 one shared tensor per input (q/k/v share one, gate/up share one, o's
       is the attention output); LoRA dropout adds its mask and output in the input's dtype per module; lora_A's
@@ -277,7 +277,7 @@ def layer_activation_bytes(shape: Shape, p: Params, s: Setup) -> int:
     h, i, heads, kv, d = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim
     norms = (0 if b["resid"] == 4 else 4 * h) + 4 * h + 2 * 4
     if p.norm_trainable:
-        norms += 2 * 4 * h
+        norms += 2 * b["resid"] * h
     in_bytes = {lin: b["norm"] if lin in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else b["act"]
                 for lin in LINEARS}
     dropout = s.lora and s.lora_dropout > 0

@@ -275,9 +275,9 @@ def state_of(run: Run, training_free: bool) -> str:
     """finished | resumes from step-N | new."""
     if is_finished(run, training_free):
         return "finished"
-    from train import _complete_checkpoints  # what `--resume auto` will pick
+    from train import complete_checkpoints  # what `--resume auto` will pick
 
-    complete = [] if training_free else _complete_checkpoints(run.folder)
+    complete = [] if training_free else complete_checkpoints(run.folder)
     return f"resumes from {complete[-1].name}" if complete else "new"
 
 
@@ -337,8 +337,15 @@ def _say(msg: str) -> None:
     print(f"[sweep] {msg}", flush=True)
 
 
+def _child_env() -> dict[str, str]:
+    """The environment of every child: this one, unbuffered, with the repository importable (``-m eval.*``)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 class _Children:
-    """The subprocesses running now, so that a SIGTERM to the sweep reaches them (train.py saves and exits)."""
+    """The subprocesses running now, so that a SIGTERM (or Ctrl-C) to the sweep reaches the running train.py."""
 
     def __init__(self):
         self.procs: set[subprocess.Popen] = set()
@@ -357,8 +364,7 @@ def execute_run(run: Run, sweep: Sweep, devices: list[int] | None, parallel: int
     record = {"name": run.name, "point": run.point, "folder": str(run.folder)}
     if children.stopping:
         return dict(record, status="not started")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = _child_env()
     launcher = sweep.config.launcher
     if devices is None and "OMP_NUM_THREADS" not in env:
         # CPU: share the cores among the parallel runs' processes (oversubscribed threads cost 30x, FIELD_NOTES)
@@ -453,8 +459,7 @@ def compare_runs(sweep: Sweep) -> tuple[list[str] | None, bool]:
         _say("no finished run has eval results (no eval: section?); no comparison table")
         return None, True
     cmd = [sys.executable, "-m", "eval.compare", *folders, "--out", str(sweep.folder), "--json"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if r.returncode != 0:
         _say(f"eval.compare failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or [''])[-1]}")
         return None, False

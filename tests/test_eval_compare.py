@@ -63,8 +63,19 @@ def test_parent_folder_and_single_files_are_accepted(results, tmp_path):
     assert len(by_parent["rows"]) == 3
     one = next(results.iterdir())
     only_ppl = main([str(one / "perplexity.json"), "--out", str(tmp_path / "b")])
-    assert len(only_ppl["rows"]) == 1 and only_ppl["rows"][0][-1] is None
+    assert len(only_ppl["rows"]) == 1 and not any(c.startswith("passkey") for c in only_ppl["columns"])
     assert not (tmp_path / "b" / "passkey.png").exists() and (tmp_path / "b" / "perplexity.png").exists()
+
+
+def test_run_folders_are_searched_where_train_writes_their_results(results, tmp_path):
+    import shutil
+
+    runs = []
+    for i, folder in enumerate(sorted(results.iterdir())[:2]):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(folder, run / "eval" / folder.name)  # train.py: <run>/eval/<model slug>/
+        runs.append(str(run))
+    assert len(main(runs + ["--out", str(tmp_path / "c")])["rows"]) == 2
 
 
 def test_bad_inputs(results, tmp_path):
