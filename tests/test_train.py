@@ -116,6 +116,26 @@ def test_sigkill_and_resume_auto_reproduce_the_uninterrupted_run(tmp_path, nproc
         assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path):
+    sets = ("train.max_steps=16", "train.save_every=0")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    _train(full, *sets)
+    proc = subprocess.Popen(_cmd(stopped, *sets), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = stopped / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+        pass
+    proc.send_signal(signal.SIGTERM)  # a scheduler's preemption
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    step = len(_losses(stopped))
+    assert 4 <= step < 16 and "Traceback" not in err
+    assert f"SIGTERM: saved {stopped / 'checkpoints' / f'step-{step:06d}'}" in out
+    assert not (stopped / "merged").exists()
+    _train(stopped, *sets, resume="auto")
+    assert _losses(stopped) == _losses(full)
+
+
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     sets = ("train.max_steps=10", "train.save_every=5")
     full, broken = tmp_path / "full", tmp_path / "broken"

@@ -1,0 +1,241 @@
+"""Build the testbed base once and cache it: tokenizer -> pretraining with train.py -> ``runs/testbed/model``.
+
+    python -m launch.testbed [--nproc 2] [--force] [--set train.max_steps=100 ...]
+
+The testbed is a small Llama pretrained from scratch at a native context of 256 tokens (configs/testbed/base.yaml),
+so that the whole context-extension experiment (extend 4x-8x, fine-tune, evaluate, compare) runs on a CPU in minutes.
+The build has two steps, each skipped when its key file matches:
+
+1. the tokenizer (``model.tokenizer``): a 4k byte-level BPE with single-digit tokens trained on the bundled corpus's
+   train split (data/tokenizer_train.py); key: vocabulary size, the corpus manifest, the trainer's source;
+2. the pretraining: an ordinary ``train.py`` run, launched as ``deepspeed --num_gpus N train.py --config
+   configs/testbed/base.yaml`` with ``OMP_NUM_THREADS=1``; its merged model is copied to ``runs/testbed/model`` and
+   ``testbed_key.json`` is written into it last. Key: base.yaml's YAML content and the ``--set`` overrides, the
+   tokenizer's sha256, and the data behind each source (corpus sha256s, the synthetic generators' fingerprints).
+   Code changes (train.py, transformers) do not rebuild the base: ``--force`` does.
+
+A build that stops half-way leaves no key file, so the next call builds again, resuming from the run folder's last
+checkpoint when it was started for the same key (``--resume auto``). ``runs/testbed/model`` is a plain model folder
+(config.json with native context 256, safetensors, tokenizer): the extension configs start from it and ``eval``
+treats it as a base model, not as a fine-tuned run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from configs.schema import ConfigError, RunConfig, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = Path("configs/testbed/base.yaml")  # relative to ROOT; run and model folders are relative to the cwd
+MODEL_DIR = Path("runs/testbed/model")
+KEY_FILE = "testbed_key.json"
+RUN_KEY_FILE = "testbed_run_key.json"
+
+
+class TestbedError(ValueError):
+    """A testbed that cannot be built; one line naming the problem and the fix."""
+
+
+def _log(msg: str) -> None:
+    print(f"[testbed] {msg}", flush=True)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_base(overrides: list[str] = ()) -> RunConfig:
+    """The base config with ``overrides`` applied; it must pretrain from scratch with its own tokenizer."""
+    cfg = load_run_config(ROOT / BASE_CONFIG, overrides)
+    if cfg.model.init != "scratch" or not cfg.model.tokenizer or "vocab_size" not in cfg.model.arch:
+        raise TestbedError(f"{BASE_CONFIG}: the testbed base trains from scratch (model.init: scratch) with its own "
+                           "tokenizer (model.tokenizer) of model.arch.vocab_size tokens")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+
+
+def tokenizer_key(cfg: RunConfig) -> str:
+    """What the tokenizer is a function of: its vocabulary size, the corpus it is trained on, the trainer's code."""
+    from data.corpus import manifest
+
+    corpus = [e["sha256"] for e in manifest() if e["split"] == "train"]
+    return _digest({"vocab_size": cfg.model.arch.get("vocab_size"), "corpus": corpus,
+                    "trainer": _file_sha256(ROOT / "data" / "tokenizer_train.py")})
+
+
+def ensure_tokenizer(cfg: RunConfig) -> Path:
+    """Train the tokenizer into ``cfg.model.tokenizer`` unless its key matches; check it against ``model.arch``."""
+    from data.tokenizer_train import build_tokenizer
+    from ropescale.models import load_tokenizer
+
+    path, arch = Path(cfg.model.tokenizer), cfg.model.arch
+    key = tokenizer_key(cfg)
+    if _read_key(path / KEY_FILE) == key:
+        _log(f"tokenizer: reusing {path} (same corpus and settings)")
+    else:
+        _log(f"tokenizer: training a {arch['vocab_size']}-token byte-level BPE on the bundled train split -> {path}")
+        build_tokenizer(path, arch["vocab_size"])
+        _write_json_atomic(path / KEY_FILE, {"key": key})
+    # ropescale.models.load_tokenizer (which train.py and eval use) opens folders that hold a config.json: the
+    # architecture this tokenizer is made for goes beside it (rewritten each time: model.arch may have changed).
+    _scratch_config(cfg).save_pretrained(path)
+    tok = load_tokenizer(str(path))
+    want = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+    wrong = {k: (arch.get(k), v) for k, v in want.items() if arch.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"model.arch.{k} is {a} but the tokenizer has {v}" for k, (a, v) in wrong.items())
+        raise TestbedError(f"{BASE_CONFIG}: {detail}; make model.arch agree with the tokenizer")
+    return path
+
+
+def _scratch_config(cfg: RunConfig):
+    from ropescale.models import load_config
+
+    config = load_config(cfg.model.name)
+    for key, value in cfg.model.arch.items():
+        setattr(config, key, value)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------- the base
+
+
+def base_key(cfg: RunConfig, tokenizer: Path, overrides: list[str] = ()) -> str:
+    """What the base model is a function of: base.yaml as written (its YAML content, not formatting or comments) and
+    the overrides, the tokenizer, the data's content. Schema defaults are left out on purpose: a config key added
+    elsewhere in the project does not invalidate the base."""
+    from data.sources import source_fingerprint
+
+    return _digest({
+        "config": yaml.safe_load((ROOT / BASE_CONFIG).read_text()),
+        "overrides": list(overrides),
+        "tokenizer": _file_sha256(tokenizer / "tokenizer.json"),
+        "data": [source_fingerprint(s) for s in cfg.data.sources],
+    })
+
+
+def deepspeed_launcher(nproc: int) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P`` from this venv, P a free port (another job on this machine may hold
+    DeepSpeed's default one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)]
+
+
+def _train_command(overrides: list[str], nproc: int, resume: bool) -> list[str]:
+    if nproc > 1:
+        cmd = deepspeed_launcher(nproc) + [str(ROOT / "train.py")]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py")]
+    cmd += ["--config", str(ROOT / BASE_CONFIG)] + [a for o in overrides for a in ("--set", o)]
+    return cmd + (["--resume", "auto"] if resume else [])
+
+
+def train_base(cfg: RunConfig, overrides: list[str], nproc: int, key: str) -> Path:
+    """``train.py`` on the base config; resumes a run folder left by an interrupted build of the same key, else
+    starts clean. Returns the run folder."""
+    run = Path(cfg.output.dir)
+    resume = run.is_dir() and _read_key(run / RUN_KEY_FILE) == key and not (run / "merged").exists()
+    if run.exists() and not resume:
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(run / RUN_KEY_FILE, {"key": key})
+    cmd = _train_command(overrides, nproc, resume)
+    _log(("resuming" if resume else "running") + ": OMP_NUM_THREADS=1 " + " ".join(cmd))
+    t0 = time.perf_counter()
+    # Two processes on two cores: one thread each (FIELD_NOTES: oversubscription costs 30x).
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise TestbedError(f"train.py failed on {BASE_CONFIG} (exit status {done.returncode}); see its output "
+                           "above. Run `python -m launch.testbed` again to resume from its last checkpoint")
+    _log(f"{BASE_CONFIG} trained in {time.perf_counter() - t0:.0f} s -> {run}")
+    return run
+
+
+def _publish(merged: Path, model_dir: Path, key: str, info: dict) -> Path:
+    """Copy the final merged model to ``model_dir`` (temporary folder + rename); the key file is written last."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp-", dir=model_dir.parent))
+    try:
+        shutil.copytree(merged, tmp, dirs_exist_ok=True)
+        _write_json_atomic(tmp / KEY_FILE, {"key": key, **info})
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model_dir
+
+
+def build(overrides: list[str] = (), nproc: int = 2, force: bool = False, model_dir: Path = MODEL_DIR) -> Path:
+    """The testbed base model folder ``model_dir``, built if its key changed (or ``force``); returns it."""
+    overrides = list(overrides)
+    cfg = load_base(overrides)
+    tokenizer = ensure_tokenizer(cfg)
+    key = base_key(cfg, tokenizer, overrides)
+    if not force and _read_key(model_dir / KEY_FILE) == key:
+        _log(f"base: reusing {model_dir} (same config, tokenizer and data; `--force` rebuilds)")
+        return model_dir
+    _log(f"base: building {model_dir} from {BASE_CONFIG} (key {key[:12]})")
+    t0 = time.perf_counter()
+    run = train_base(cfg, overrides, nproc, key)
+    seconds = round(time.perf_counter() - t0)
+    _publish(run / "merged", model_dir, key, {"config": str(BASE_CONFIG), "overrides": overrides,
+                                              "build_seconds": seconds, "processes": nproc})
+    _log(f"base: {model_dir} ready ({seconds} s)")
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launch.testbed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the base config (part of the cache key), e.g. train.precision=fp32")
+    ap.add_argument("--nproc", type=int, default=2, help="training processes (deepspeed --num_gpus; 1: plain python)")
+    ap.add_argument("--force", action="store_true", help="rebuild the base even when its key matches")
+    args = ap.parse_args(argv)
+    if args.nproc < 1:
+        print(f"error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    try:
+        build(args.set, args.nproc, args.force)
+    except (ConfigError, TestbedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The testbed: its tokenizer (single-digit tokens, deterministic), its synthetic documents (the evaluation's passkey
+prompt with the key where asked, inside the native window), the synthetic data source, its configs, the cached
+build (reused while nothing changed, rebuilt when something did) and the demo's evaluation plan.
+
+The heavy pretraining itself is not a test; the build test trains two steps.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+import eval.passkey as passkey
+from configs.schema import load_run_config
+from data.config import DataConfig, DataError, SourceSpec
+from data.corpus import load_corpus
+from data.pack import build_packed
+from data.sources import read_source, source_fingerprint
+from data.synthetic import copy_sample, fingerprint, generate, passkey_document, passkey_sample
+from data.tokenizer_train import DIGITS, build_tokenizer, train_bpe
+from launch import testbed
+from launch.demo import eval_jobs
+from ropescale.models import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTBED = ROOT / "configs" / "testbed"
+METHODS = {"pi": "linear", "ntk_aware": "ntk_aware", "ntk_by_parts": "ntk_by_parts", "yarn": "yarn"}
+
+
+@pytest.fixture(scope="module")
+def small_texts():
+    """About 300 kB of real text (a slice of Emma) with numbers in it."""
+    emma = next(d for d in load_corpus("train") if "emma" in d.name.lower()).text[:300_000]
+    return [emma, "In 1811 there were 20374 people and 9 ships; call 555-0199 or 42."]
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_every_digit_is_its_own_token_and_no_merge_holds_a_digit(small_texts):
+    tok = train_bpe(small_texts, vocab_size=600)
+    vocab = tok.get_vocab()
+    assert all(d in vocab for d in DIGITS)
+    assert [t for t in vocab if any(c in DIGITS for c in t) and t not in DIGITS] == []
+    text = "The pass key is 90210. Remember it. 90210 is the pass key."
+    ids = tok(text).input_ids
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert [p for p in pieces if p in DIGITS] == list("90210") * 2
+    assert tok.decode(ids) == text
+    assert len(tok) == 600 and (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
+    assert tok("a").input_ids[:1] != [tok.bos_token_id]  # the packer adds specials, not the tokenizer
+
+
+def test_tokenizer_training_is_deterministic(small_texts):
+    a, b = train_bpe(small_texts, vocab_size=500), train_bpe(small_texts, vocab_size=500)
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert train_bpe(small_texts[:1], vocab_size=500).backend_tokenizer.to_str() != a.backend_tokenizer.to_str()
+
+
+def test_a_vocabulary_below_the_byte_alphabet_is_refused(small_texts):
+    with pytest.raises(DataError, match="vocab_size must exceed 259"):
+        train_bpe(small_texts, vocab_size=259)
+
+
+# ----------------------------------------------------------------------------------------------- synthetic data
+
+
+@pytest.mark.parametrize("before,after", [(0, 0), (0, 3), (2, 1), (5, 0)])
+def test_passkey_document_is_the_eval_prompt_with_the_key_where_asked(before, after):
+    text = passkey_document("48213", before, after)
+    prompt = passkey.prompt_text("48213", before, after)
+    assert text == f"{prompt} 48213."  # the evaluation's wording, followed by the answer
+    head, tail = text.split(passkey.KEY_LINE.format(key="48213"))
+    assert head.count(passkey.FILLER) == before and tail.count(passkey.FILLER) == after
+    assert tail.rstrip().endswith(f"{passkey.QUESTION} 48213.")
+
+
+def test_passkey_samples_are_reproducible_and_cover_every_depth():
+    samples = [passkey_sample(i, 5, seed=0) for i in range(300)]
+    assert samples == [passkey_sample(i, 5, seed=0) for i in range(300)]
+    assert samples != [passkey_sample(i, 5, seed=1) for i in range(300)]
+    assert {(b, a) for _, _, b, a in samples} == {(b, a) for b in range(6) for a in range(6 - b)}
+    for text, key, before, after in samples:
+        assert re.fullmatch(r"\d{5}", key) and text == passkey_document(key, before, after)
+
+
+def test_copy_documents_repeat_their_list():
+    for i in range(50):
+        m = re.fullmatch(r"Numbers: ([\d ]+)\. Again: ([\d ]+)\.", copy_sample(i, 3))
+        assert m and m.group(1) == m.group(2) and 1 <= len(m.group(1).split()) <= 3
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"kind": "synthetic", "name": "passkey"}, "needs `name` (one of: passkey, copy) and `max_docs`"),
+    ({"kind": "synthetic", "name": "password", "max_docs": 5}, "unknown synthetic generator 'password'"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"depth": 1}}, "unknown params depth"),
+    ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"max_numbers": 0}}, "positive integer"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"max_filler": "5"}}, "positive integer"),
+    ({"kind": "bundled", "params": {"seed": 1}}, "`params` is for synthetic sources only"),
+])
+def test_bad_synthetic_sources_fail_with_one_line(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SourceSpec.model_validate(fields)
+
+
+def test_synthetic_source_reads_and_packs(tmp_path):
+    spec = SourceSpec(kind="synthetic", name="passkey", max_docs=40, params={"max_filler": 2, "seed": 3})
+    texts, stats = read_source(spec)
+    assert texts == generate("passkey", 40, {"max_filler": 2, "seed": 3})
+    assert (stats.source, stats.documents_kept) == ("synthetic:passkey", 40)
+    cfg = DataConfig(sources=[spec, SourceSpec(kind="synthetic", name="copy", max_docs=40)], seq_len=128,
+                     mode="reset", cache_dir=str(tmp_path / "cache"))
+    ds = build_packed(cfg, load_tokenizer("tiny-llama"))
+    assert len(ds) > 0 and [s["documents_kept"] for s in ds.stats["sources"]] == [40, 40]
+
+
+def test_the_cache_key_follows_the_prompt_wording(monkeypatch):
+    spec = SourceSpec(kind="synthetic", name="passkey", max_docs=1)
+    before = source_fingerprint(spec)
+    assert before == [fingerprint("passkey")] and before != [fingerprint("copy")]
+    monkeypatch.setattr(passkey, "FILLER", "The grass is blue.")
+    assert source_fingerprint(spec) != before
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+
+def test_base_config_pretrains_from_scratch_at_a_native_256():
+    cfg = testbed.load_base()
+    arch = cfg.model.arch
+    assert (cfg.model.init, cfg.lora.enabled, cfg.rope.method) == ("scratch", False, "none")
+    assert arch["max_position_embeddings"] == cfg.data.seq_len == 256
+    assert arch["hidden_size"] == arch["num_attention_heads"] * arch["head_dim"]
+    kinds = [(s.kind, s.name) for s in cfg.data.sources]
+    assert ("bundled", None) in kinds and ("synthetic", "passkey") in kinds
+    assert all(s.split == "train" for s in cfg.data.sources if s.kind == "bundled")  # held-out book never trained
+
+
+@pytest.mark.parametrize("name", [f"{m}_{f}x" for m in METHODS for f in (4, 8)])
+def test_extension_configs_match_their_names(name):
+    cfg = load_run_config(TESTBED / f"{name}.yaml")
+    method, factor = name.rsplit("_", 1)
+    factor = int(factor[:-1])
+    assert (cfg.rope.method, cfg.rope.factor) == (METHODS[method], factor)
+    assert cfg.model.name == str(testbed.MODEL_DIR) and cfg.lora.enabled
+    assert cfg.data.seq_len == 256 * factor and cfg.output.dir == f"runs/testbed/{name}"
+    assert cfg.eval.perplexity_lengths == cfg.eval.passkey_lengths == [256, 512, 1024, 2048]
+
+
+def test_demo_evaluates_base_training_free_and_fine_tuned():
+    cfg = load_run_config(TESTBED / "yarn_4x.yaml")
+    jobs = dict(eval_jobs(Path("runs/demo/yarn_4x"), 4.0, cfg.eval, Path("runs/demo/eval")))
+    assert sorted(jobs) == sorted(f"{k} {m}" for k in ("ppl", "passkey")
+                                  for m in ("base", "yarn x4", "yarn x4 fine-tuned"))
+    assert jobs["ppl yarn x4"][jobs["ppl yarn x4"].index("--rope") + 1:][:3] == ["yarn", "--factor", "4"]
+    assert "--rope" not in jobs["ppl base"] and "--rope" not in jobs["passkey yarn x4 fine-tuned"]
+    assert jobs["passkey yarn x4 fine-tuned"][jobs["passkey yarn x4 fine-tuned"].index("--model") + 1] == \
+        "runs/demo/yarn_4x"
+    for cmd in jobs.values():
+        assert cmd[cmd.index("--lengths") + 1] == "256,512,1024,2048"
+
+
+# ---------------------------------------------------------------------------------------------- slow: the build
+
+
+@pytest.mark.slow
+def test_testbed_tokenizer_fits_the_base_and_its_passkey_documents_fit_the_window(tmp_path):
+    cfg = testbed.load_base()
+    a, b = build_tokenizer(tmp_path / "a", 4096), build_tokenizer(tmp_path / "b", 4096)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    tok = AutoTokenizer.from_pretrained(a)
+    arch = cfg.model.arch
+    assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        arch["vocab_size"], arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
+    spec = next(s for s in cfg.data.sources if s.name == "passkey")
+    max_filler = spec.params["max_filler"]
+    longest = max(len(tok(passkey_document("99999", b, max_filler - b)).input_ids) for b in range(max_filler + 1))
+    assert longest + 1 <= cfg.data.seq_len  # + EOS: the whole sample, answer included, fits the native window
+    # and the evaluation at the native length asks about a key as far away as the training samples put it
+    prompt = passkey.build_prompt(tok, cfg.data.seq_len, 0.0, "12345", 10)
+    assert prompt.n_filler <= max_filler + 1
+
+
+@pytest.mark.slow
+def test_build_is_cached_by_key_and_rebuilt_when_the_config_changes(tmp_path):
+    small = ("data.sources=[{kind: synthetic, name: passkey, max_docs: 60}, "
+             "{kind: synthetic, name: copy, max_docs: 60}]")
+    sets = [f"output.dir={tmp_path / 'base'}", f"model.tokenizer={tmp_path / 'tok'}", "train.max_steps=2",
+            "train.micro_batch_size=2", "train.warmup_steps=1", "train.save_every=0",
+            f"data.cache_dir={tmp_path / 'cache'}", small]
+    out = tmp_path / "model"
+    assert testbed.build(sets, nproc=1, model_dir=out) == out
+    weights = out / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    model = load_model(str(out))
+    assert model.config.max_position_embeddings == 256 and model.config.vocab_size == 4096
+    assert len(load_tokenizer(str(out))) == 4096
+    key = yaml.safe_load((out / testbed.KEY_FILE).read_text())["key"]
+
+    testbed.build(sets, nproc=1, model_dir=out)  # same key: nothing trained
+    assert weights.stat().st_mtime_ns == first
+
+    testbed.build(sets[:2] + ["train.max_steps=3"] + sets[3:], nproc=1, model_dir=out)
+    assert yaml.safe_load((out / testbed.KEY_FILE).read_text())["key"] != key
+    assert weights.stat().st_mtime_ns != first
