@@ -1,21 +1,27 @@
-"""Synthetic training documents: passkey retrieval samples that fit inside a short native window.
+"""Synthetic training documents that teach retrieval inside a short native window: ``passkey`` and ``copy``.
 
-A model only learns to retrieve a pass key if it sees retrieval during training. Each ``passkey`` document is the
-evaluation's own prompt (``eval.passkey.prompt_text``: task statement, filler groups, the key line at some depth,
-more filler, the question) followed by its answer, `` NNNNN.``; the wording lives in eval/passkey.py only, so that
-training and evaluation cannot drift apart. The number of filler groups is drawn uniformly from 0 to
-``max_filler`` and the key's depth uniformly among the possible positions, so short samples (key and question a few
-tokens apart) come with long ones: distance is the curriculum, inside one mix.
+A model only learns to retrieve a pass key if it sees retrieval during training. Two generators:
 
-A run config uses it as a data source::
+- ``passkey``: the evaluation's own prompt (``eval.passkey.prompt_text``: task statement, filler groups, the key line
+  at some depth, more filler, the question) followed by its answer, `` NNNNN.``. The wording lives in
+  eval/passkey.py only, so training and evaluation cannot drift apart. The number of filler groups is drawn
+  uniformly from 0 to ``max_filler`` and the key's depth uniformly among the possible positions.
+- ``copy``: ``Numbers: a b. Again: a b.`` with 1 to ``max_numbers`` random 5-digit numbers. Every digit of the second
+  list can only be predicted by looking it up in the first: the look-up a passkey answer needs (an induction head),
+  with a dense signal and, in documents of 17-29 tokens, little to search through. Measured on the testbed
+  (docs/testbed.md): without these short documents the model never learned to copy within our budget; with them it
+  did.
+
+A run config uses them as data sources (``kind: synthetic``; ``max_docs`` documents each)::
 
     sources:
       - {kind: bundled, split: train}
-      - {kind: synthetic, name: passkey, max_docs: 20000, weight: 1.0, params: {max_filler: 5, seed: 0}}
+      - {kind: synthetic, name: passkey, max_docs: 8000, params: {max_filler: 5, seed: 0}}
+      - {kind: synthetic, name: copy, max_docs: 30000, params: {max_numbers: 2, seed: 0}}
 
-``max_filler`` bounds the document's length in the model's tokens: with the testbed tokenizer a document holds
-about 91 + 29.5 x filler-groups tokens, so ``max_filler: 5`` stays under 256 (tests/test_testbed_data.py checks it).
-Documents are a pure function of (index, seed): the same settings give the same documents on every machine.
+``max_filler`` bounds a passkey document's length: with the testbed tokenizer it holds about 91 + 29.5 tokens per
+filler group, so ``max_filler: 5`` stays under 256 with its EOS (tests/test_testbed.py checks it). Documents are a
+pure function of (generator, index, params): the same settings give the same documents on every machine.
 """
 
 from __future__ import annotations
