@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo testbed clean-venv
+.PHONY: venv test test-fast demo testbed bench clean-venv
 
 venv: $(STAMP)
 
@@ -32,6 +32,14 @@ demo: venv
 # Only the testbed base (launch/testbed.py); `make demo` builds it when needed.
 testbed: venv
 	$(BIN)/python -m launch.testbed
+
+# The three benchmarks of docs/benchmarks.md at their default settings, in order (about 20 minutes on 2 quiet
+# cores): training speed and memory against transformers Trainer + peft, the longest seq_len under a memory cap,
+# perplexity-scoring throughput. Each prints its figures last; the JSON records go to runs/bench/.
+bench: venv
+	$(BIN)/python bench/train_throughput.py --out runs/bench/train_throughput.json
+	$(BIN)/python bench/max_seq_len.py --out runs/bench/max_seq_len.json
+	$(BIN)/python bench/eval_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

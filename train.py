@@ -199,7 +199,10 @@ def _build_model(cfg: RunConfig, model_config, precision: str, attn: str, dtype:
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with frozen embeddings + LoRA
         # (YaRN's script turns checkpointing off under LoRA; its users then run out of memory).
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if cfg.train.checkpoint_keep_attention:
+            kwargs["context_fn"] = _keep_attention_outputs
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     if not cfg.lora.enabled:
         model.float().requires_grad_(True)
         return model
@@ -216,6 +219,27 @@ def _build_model(cfg: RunConfig, model_config, precision: str, attn: str, dtype:
         # activations); hand the layers the base dtype, as an untouched bf16 embedding would.
         embed.register_forward_hook(lambda module, args, out: out.to(dtype))
     return model
+
+
+def attention_ops() -> list:
+    """The fused attention kernels whose outputs ``train.checkpoint_keep_attention`` keeps: sdpa's CPU and CUDA
+    kernels, and flash-attn's when it is installed and registered (its ops exist once flash_attn is imported)."""
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    ops = [getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)]
+    flash = torch.ops.flash_attn
+    return ops + [getattr(flash, n).default for n in ("_flash_attn_forward", "_flash_attn_varlen_forward")
+                  if hasattr(flash, n)]
+
+
+def _keep_attention_outputs():
+    """Selective activation checkpointing (the ``context_fn`` of torch.utils.checkpoint): the attention kernels'
+    outputs are saved in the forward and every other op is recomputed in the backward. Recomputing a layer then
+    costs its linears and elementwise ops only; attention, quadratic in seq_len, runs once forward and once backward
+    instead of twice forward (full checkpointing) and once backward."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(attention_ops())
 
 
 def lora_config(cfg: RunConfig):
@@ -495,7 +519,7 @@ def _rng_state() -> dict:
 
 def _py_rng_bytes() -> torch.Tensor:
     # Python's RNG state as a tensor so that the checkpoint loads with weights_only=True.
-    version, internal, gauss = random.getstate()
+    _, internal, _ = random.getstate()
     return torch.tensor(list(internal), dtype=torch.int64)
 
 

@@ -1,6 +1,7 @@
 """Perplexity-scoring throughput and loss memory, against a bare forward and the transformers docs' recipe.
 
-    python bench/eval_throughput.py                       # smollm2-135m, 8k window; a few minutes on 2 cores
+    python bench/eval_throughput.py                       # smollm2-135m, 4k window; about 3 minutes on 2 cores
+    python bench/eval_throughput.py --length 8192         # the 8k window of docs/eval.md (about twice as long)
     python bench/eval_throughput.py --model tiny-llama --length 2048 --stride 1024
 
 Each measurement runs in its own subprocess, so its peak RSS is its own. Rows:
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,31 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
 from eval.perplexity import plan_windows, score  # noqa: E402
 from ropescale.loss import IGNORE_INDEX, chunked_causal_lm_loss  # noqa: E402
 from ropescale.models import load_model, load_tokenizer  # noqa: E402
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> float:
-    """Reset the peak-RSS mark (Linux: '5' to clear_refs) so that loading the model does not count; current RSS."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mib("VmRSS")
-
-
-def _tokens(name: str, n: int) -> torch.Tensor:
-    from data.corpus import load_corpus
-
-    ids = load_tokenizer(name)(load_corpus("heldout")[0].text, verbose=False).input_ids
-    if len(ids) < n:
-        raise SystemExit(f"error: the held-out text has {len(ids)} tokens, fewer than {n}")
-    return torch.tensor(ids[:n])
 
 
 def hf_recipe(model, ids: torch.Tensor, length: int, stride: int) -> tuple[float, int, int]:
@@ -86,7 +65,7 @@ def one(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     L = args.length
-    ids = _tokens(args.model, 2 * L)
+    ids = corpus_tokens(load_tokenizer(args.model), 2 * L, split="heldout")
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection, outside the timing
         model(input_ids=ids[None, :256], use_cache=False)
     extra = {}
@@ -96,7 +75,7 @@ def one(name: str, args) -> dict:
         labels = ids[:T][None]
         head = model.lm_head
         head.weight.requires_grad_(False)  # the gradient that matters here is the hidden states'
-        base = _reset_peak()
+        base = reset_peak()  # loading the model does not count
         t, c = time.perf_counter(), time.process_time()
         if "full" in name:
             logits = head(hidden)
@@ -107,7 +86,7 @@ def one(name: str, args) -> dict:
         seconds, cpu, fed = time.perf_counter() - t, time.process_time() - c, T
         extra["length"] = T
     else:
-        base = _reset_peak()
+        base = reset_peak()
         with torch.inference_mode():
             t, c = time.perf_counter(), time.process_time()
             if name == "decoder":
@@ -126,7 +105,7 @@ def one(name: str, args) -> dict:
                 nll_sum, n, fed = hf_recipe(model, ids, L, args.stride)
                 extra["ppl"] = float(torch.tensor(nll_sum / n).exp())
             seconds, cpu = time.perf_counter() - t, time.process_time() - c
-    return dict(name=name, seconds=seconds, cpu_seconds=cpu, fed=fed, peak_mib=_status_mib("VmHWM") - base, **extra)
+    return dict(name=name, seconds=seconds, cpu_seconds=cpu, fed=fed, peak_mib=status_mib("VmHWM") - base, **extra)
 
 
 ROWS = [
@@ -145,7 +124,7 @@ ROWS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--stride", type=int, default=None, help="sliding stride (default: length / 2)")
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
@@ -167,10 +146,7 @@ def main() -> None:
         for name in names:
             cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--length", str(args.length),
                    "--stride", str(args.stride), "--chunk-size", str(args.chunk_size), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"error: measurement {name} failed:\n{out.stderr[-2000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = run_children([cmd], f"measurement {name}")[0].result()
             if name not in results or r["seconds"] < results[name]["seconds"]:
                 results[name] = r
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

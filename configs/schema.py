@@ -105,8 +105,13 @@ class TrainSection(_Section):
     """`auto`: bf16 on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16), fp32 elsewhere."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward; works with LoRA (inputs made to require grad)."""
-    loss_chunk_size: int = 1024
-    """Positions per chunk of the lm_head + cross-entropy; the full [seq_len, vocab] logits never exist."""
+    checkpoint_keep_attention: bool = True
+    """With gradient_checkpointing: keep each layer's attention output (sdpa / flash kernels) from the forward so the
+    backward's recompute skips attention, the cost that grows with seq_len^2; costs seq_len x heads x head_dim
+    activations (+ a log-sum-exp) per layer."""
+    loss_chunk_size: int = 256
+    """Positions per chunk of the lm_head + cross-entropy; the full [seq_len, vocab] logits never exist. A chunk's
+    fp32 logits, their softmax and gradient cost ~3 x chunk x vocab x 4 B; 256 keeps that under 150 MB at 49k vocab."""
     seed: int = 0
     """Seed for weights (scratch/LoRA init), dropout and data order."""
     save_every: int = 50

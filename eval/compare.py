@@ -122,17 +122,23 @@ def to_csv(header: list[str], rows: list[list]) -> str:
 
 def plot_perplexity(runs: list[dict], path: Path) -> bool:
     """Perplexity against length, one line per run; False (nothing written) when no run has perplexity."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     with_ppl = [r for r in runs if r["perplexity"]]
     if not with_ppl:
         return False
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    fig = Figure(figsize=(7 if len(with_ppl) <= 8 else 9.5, 4.2), layout="constrained")
     ax = fig.subplots()
+    # One colour per (method, factor), so a fine-tuned run (solid) and its training-free twin (dashed) pair up.
+    keys = list(dict.fromkeys((r["model"]["method"], r["model"]["factor"]) for r in with_ppl))
+    palette = matplotlib.colormaps["tab10" if len(keys) <= 10 else "tab20"].colors
     for r in with_ppl:
         pts = sorted((int(k), v) for k, v in r["perplexity"]["ppl"].items() if v is not None and math.isfinite(v))
         ls = "-" if r["model"]["fine_tuned"] else "--"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=ls, label=r["model"]["label"])
+        color = palette[keys.index((r["model"]["method"], r["model"]["factor"])) % len(palette)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=ls, color=color,
+                label=r["model"]["label"])
     originals = sorted({r["model"]["original_context"] for r in with_ppl if r["model"]["original_context"]})
     for i, L in enumerate(originals):
         ax.axvline(L, color="grey", linestyle=":", label="original context" if i == 0 else None)
@@ -145,7 +151,10 @@ def plot_perplexity(runs: list[dict], path: Path) -> bool:
     ax.set_ylabel(f"perplexity ({', '.join(modes)})")
     ax.set_title("perplexity by context length (dashed: training-free)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if len(with_ppl) <= 8:
+        ax.legend(fontsize=8)
+    else:  # outside the axes, where it hides no line
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
     return True
 

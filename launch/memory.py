@@ -11,7 +11,8 @@ Each line of the plan is one kind of memory, in bytes per GPU (docs/launch.md de
   weights in fp32, so DeepSpeed takes its fp32 path: no separate master copy. ZeRO-3 splits all weights over the GPUs.
 - gradients (fp32, trainable only; split for ZeRO >= 2) and AdamW's two fp32 moments (split for ZeRO >= 1); the
   offload configs move them (and, for ``offload_param``, the weights) to CPU memory.
-- activations with gradient checkpointing: every decoder layer's input is kept; one layer at a time is recomputed in
+- activations with gradient checkpointing: every decoder layer's input is kept, and with
+  ``train.checkpoint_keep_attention`` (sdpa / flash) its attention output and log-sum-exp; one layer at a time is recomputed in
   the backward, with the tensors autograd saves for it (counted from what PyTorch actually saves, see
   ``layer_activation_bytes``) and its gradients. sdpa and flash attention add no L x L term; ``eager`` keeps the
   attention probabilities (heads x L^2); a document mask (``data.block_cross_doc`` with sdpa/eager) is L^2.
@@ -105,6 +106,7 @@ class Setup:
     offload_optimizer: bool
     offload_param: bool
     checkpointing: bool
+    keep_attention: bool  # train.checkpoint_keep_attention: each layer's attention output kept under checkpointing
     attention: str  # sdpa | eager | flash_attention_2
     doc_mask: bool  # documents isolated inside a row by an L x L mask (block_cross_doc with sdpa/eager)
     loss_chunk: int
@@ -240,6 +242,7 @@ def setup_of(cfg: RunConfig, world: int) -> Setup:
         lora=cfg.lora.enabled, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout,
         zero_stage=int(zero.get("stage", 0)), offload_optimizer=on_cpu("offload_optimizer"),
         offload_param=on_cpu("offload_param"), checkpointing=cfg.train.gradient_checkpointing,
+        keep_attention=cfg.train.checkpoint_keep_attention and attention != "eager",
         attention=attention, doc_mask=cfg.data.block_cross_doc and attention != "flash_attention_2",
         loss_chunk=cfg.train.loss_chunk_size)
 
@@ -330,6 +333,11 @@ def plan_items(shape: Shape, p: Params, s: Setup) -> list[Item]:
     if s.checkpointing:
         items.append(Item("layer inputs (checkpoints)", T * (shape.layers * h * b["resid"] + rope), 0.0,
                           f"{T:,} tokens x ({shape.layers} layers x {h} x {b['resid']} B + cos/sin)"))
+        if s.keep_attention:
+            kept = shape.heads * shape.head_dim * b["act"] + shape.heads * 4  # output + fp32 log-sum-exp
+            items.append(Item("attention outputs (kept)", T * shape.layers * kept, 0.0,
+                              f"{T:,} tokens x {shape.layers} layers x ({shape.heads} x {shape.head_dim} x "
+                              f"{b['act']} + {shape.heads} x 4) B (train.checkpoint_keep_attention)"))
         items.append(Item("one layer recomputed", T * per_layer, 0.0,
                           f"{T:,} tokens x {per_layer:,} B saved by autograd in a layer"))
     else:

@@ -14,6 +14,9 @@ overrides every run gets, and how runs are launched::
     overrides: {output.dir: runs/sweeps/cpu_tiny, train.max_steps: 6}
     launcher: {kind: python, nproc: 1, parallel: 1}     # or deepspeed / torchrun with nproc GPUs per run
 
+Keys that must change together form one grid entry: ``"rope.factor,data.seq_len": [[4, 1024], [8, 2048]]`` gives
+two values (each factor trains at its own target length), crossed with the other entries as usual.
+
 The sweep folder is ``output.dir`` after the overrides and ``--set`` (so ``--set output.dir=X`` moves the whole
 sweep); run ``<point>`` is written to ``<sweep>/<point>/`` (e.g. ``method-yarn_factor-4``) by an ordinary
 ``train.py --resume auto`` with ``--set`` overrides, its log to ``<sweep>/logs/<point>.log``. A run is finished when
@@ -23,7 +26,11 @@ An interrupted run resumes from its newest complete checkpoint (train.py's ``--r
 and ``sweep.json`` records each run's status.
 
 ``--training-free`` evaluates the base model under each point's RoPE method and factor (``eval.perplexity`` and
-``eval.passkey`` with ``--rope/--factor``, the base config's ``eval:`` settings) into ``<sweep>/training-free/``.
+``eval.passkey`` with ``--rope/--factor``, the base config's ``eval:`` settings) into ``<sweep>/training-free/``;
+linked keys that only affect training (``data.seq_len`` beside ``rope.factor``) are dropped there. A training sweep's
+table also holds the rows of a training-free sweep already run into its folder, so that one table shows each method
+with and without fine-tuning. ``results.md`` in the sweep folder is the results page: the command, the date, each
+run's status and time, the table and the plots.
 """
 
 from __future__ import annotations
@@ -87,7 +94,8 @@ class SweepConfig(_Model):
     base: str
     """The run config every point starts from."""
     grid: dict[str, list[Any]]
-    """Dotted config keys to the values to sweep; one run per combination."""
+    """Dotted config keys to the values to sweep; one run per combination. A key naming several config keys,
+    comma-separated, takes lists of one value per key (linked values)."""
     overrides: dict[str, Any] = {}
     """Dotted config keys set in every run (before `--set` from the command line)."""
     launcher: Launcher = Launcher()
@@ -109,7 +117,31 @@ class SweepConfig(_Model):
                 raise ValueError(f"'{key}' has no values")
             if len({json.dumps(x, sort_keys=True) for x in values}) != len(values):
                 raise ValueError(f"'{key}' lists a value twice")
+            keys = linked_keys(key)
+            if len(keys) > 1 and any(not isinstance(x, list) or len(x) != len(keys) for x in values):
+                raise ValueError(f"'{key}' links {len(keys)} keys: each value must be a list of {len(keys)} values, "
+                                 f"e.g. [{', '.join('...' for _ in keys)}]")
         return v
+
+
+def linked_keys(grid_key: str) -> list[str]:
+    """``"rope.factor,data.seq_len"`` -> ``["rope.factor", "data.seq_len"]``; a plain key -> ``[key]``."""
+    return [k.strip() for k in grid_key.split(",")]
+
+
+def _is_rope_key(key: str) -> bool:
+    return key in ROPE_KEYS or key.startswith("rope.params.")
+
+
+def expand_point(point: dict[str, Any], training_free: bool = False) -> dict[str, Any]:
+    """A grid point (grid key -> value) as dotted config key -> value. Training-free points keep only the RoPE keys
+    of linked entries (the rest, such as ``data.seq_len``, only affect training)."""
+    out: dict[str, Any] = {}
+    for grid_key, value in point.items():
+        keys = linked_keys(grid_key)
+        pairs = zip(keys, value) if len(keys) > 1 else [(grid_key, value)]
+        out.update((k, v) for k, v in pairs if not (training_free and len(keys) > 1 and not _is_rope_key(k)))
+    return out
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -174,13 +206,13 @@ def plan_sweep(sc: SweepConfig, cli_sets: list[str], training_free: bool = False
     """Resolve every run's config (all validated before anything starts)."""
     base_sets = [f"{k}={yaml_value(v)}" for k, v in sc.overrides.items()] + list(cli_sets)
     set_keys = {k for k, _ in parse_overrides(base_sets)}
-    for key in sc.grid:
+    for key in (k for grid_key in sc.grid for k in linked_keys(grid_key)):
         if key in set_keys:
             raise SweepError(f"'{key}' is both a grid key and an override (--set or overrides:); drop one")
         if key in ("output.dir", "wandb.group"):
             raise SweepError(f"grid key '{key}' is set by the sweep itself; choose another key")
     if training_free:
-        bad = [k for k in sc.grid if k not in ROPE_KEYS and not k.startswith("rope.params.")]
+        bad = [k for k in sc.grid if not any(_is_rope_key(x) for x in linked_keys(k))]
         if bad:
             raise SweepError(f"--training-free evaluates the base model, so the grid may only hold rope.method, "
                              f"rope.factor and rope.params.*; drop {', '.join(bad)}")
@@ -197,8 +229,10 @@ def plan_sweep(sc: SweepConfig, cli_sets: list[str], training_free: bool = False
     runs = []
     # the sweep sets each run's folder and W&B group itself (last, so they win)
     kept = [s for s, (k, _) in zip(base_sets, parse_overrides(base_sets)) if k not in ("output.dir", "wandb.group")]
-    for point in points:
-        name = run_name(point)
+    for grid_point in points:
+        # a linked entry is named by its first key ("method-yarn_factor-8", not every linked value)
+        name = run_name({linked_keys(k)[0]: (v[0] if len(linked_keys(k)) > 1 else v) for k, v in grid_point.items()})
+        point = expand_point(grid_point, training_free)
         sets = kept + [f"{k}={yaml_value(v)}" for k, v in point.items()] + [
             f"output.dir={folder / name}", f"wandb.group={sc.name}"]
         try:
@@ -284,7 +318,8 @@ def state_of(run: Run, training_free: bool) -> str:
 # ------------------------------------------------------------------------------------------------------ launching
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a launcher's rendezvous (also used by bench/ and the tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -302,7 +337,7 @@ def train_command(run: Run, launcher: Launcher, devices: list[int] | None) -> li
             "--resume", "auto"]
     if launcher.kind == "python":
         return [sys.executable, *args]
-    port = str(_free_port())  # parallel runs on one machine need one rendezvous port each
+    port = str(free_port())  # parallel runs on one machine need one rendezvous port each
     if launcher.kind == "deepspeed":
         # The deepspeed launcher ignores CUDA_VISIBLE_DEVICES once told how many GPUs to use: name them instead.
         where = (["--include", "localhost:" + ",".join(map(str, devices))] if devices
@@ -400,8 +435,9 @@ def execute_run(run: Run, sweep: Sweep, devices: list[int] | None, parallel: int
     return dict(record, status="finished", seconds=seconds)
 
 
-def execute(sweep: Sweep, parallel: int, compare: bool = True) -> int:
-    """Run every unfinished point (``parallel`` at a time), then compare; returns the exit status."""
+def execute(sweep: Sweep, parallel: int, compare: bool = True, command: str = "") -> int:
+    """Run every unfinished point (``parallel`` at a time), then compare and write the results page; returns the
+    exit status. ``command`` is the command line the page names."""
     slots = device_slots(sweep.config.launcher, parallel)
     children = _Children()
     previous = {s: signal.signal(s, children.forward) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -412,8 +448,9 @@ def execute(sweep: Sweep, parallel: int, compare: bool = True) -> int:
     for run in sweep.runs:
         if is_finished(run, sweep.training_free):
             _say(f"skip {run.name}: finished")
+            earlier = json.loads((run.folder / MARKER).read_text())
             records[run.name] = {"name": run.name, "point": run.point, "folder": str(run.folder),
-                                 "status": "finished", "skipped": True}
+                                 "status": "finished", "skipped": True, "seconds": earlier.get("seconds")}
         else:
             todo.append(run)
     free = list(range(len(slots)))
@@ -442,6 +479,8 @@ def execute(sweep: Sweep, parallel: int, compare: bool = True) -> int:
     if compare and not children.stopping:
         summary["compare"], ok = compare_runs(sweep)
         status = status or (0 if ok else 1)
+        if summary["compare"]:
+            write_atomic(sweep.folder / "results.md", results_page(sweep, ordered, command))
     write_atomic(sweep.folder / "sweep.json", json.dumps(summary, indent=1) + "\n")
     failed = [r["name"] for r in ordered if r["status"] != "finished"]
     _say(f"{len(ordered) - len(failed)}/{len(ordered)} run(s) finished" + (f"; not finished: {', '.join(failed)}"
@@ -451,10 +490,20 @@ def execute(sweep: Sweep, parallel: int, compare: bool = True) -> int:
     return status
 
 
+def _training_free_folders(sweep: Sweep) -> list[Path]:
+    """Finished points of a ``--training-free`` sweep run into this training sweep's folder (their rows join the
+    table, so that each method shows with and without fine-tuning)."""
+    tf = sweep.folder / "training-free"
+    if sweep.training_free or not tf.is_dir():
+        return []
+    return [d for d in sorted(tf.iterdir()) if (d / MARKER).is_file()]
+
+
 def compare_runs(sweep: Sweep) -> tuple[list[str] | None, bool]:
     """``eval.compare`` over the finished runs' results into the sweep folder: (files written, ok)."""
     folders = [str(results_folder(r, sweep.training_free)) for r in sweep.runs
                if is_finished(r, sweep.training_free) and _eval_kinds(r.cfg)]
+    folders += [str(d) for d in _training_free_folders(sweep)]
     if not folders:
         _say("no finished run has eval results (no eval: section?); no comparison table")
         return None, True
@@ -466,6 +515,34 @@ def compare_runs(sweep: Sweep) -> tuple[list[str] | None, bool]:
     files = json.loads(r.stdout.strip().splitlines()[-1])["files"]
     _say(f"comparison of {len(folders)} run(s): {', '.join(files)}")
     return files, True
+
+
+def results_page(sweep: Sweep, records: list[dict], command: str) -> str:
+    """``results.md``: the command and date, each run's status and time, then eval.compare's table and plots, as the
+    sweep wrote them (nothing typed by hand)."""
+    mode = "training-free" if sweep.training_free else "train"
+    lines = [f"# Sweep `{sweep.config.name}` ({mode})", "",
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} ({os.cpu_count()} CPU cores"
+             + (f", {_gpu_names()}" if _gpu_names() else ", no GPU") + f"); base config `{sweep.config.base}`.", ""]
+    tf = _training_free_folders(sweep)
+    if tf:
+        lines += [f"Rows with fine_tuned = no: the base model under each method, from the `--training-free` sweep in "
+                  f"`{tf[0].parent}` ({len(tf)} point(s)).", ""]
+    lines += ["| run | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['status']}{' (by an earlier run)' if r.get('skipped') else ''} | "
+              f"{r.get('seconds') or ''} |" for r in records]
+    lines += ["", (sweep.folder / "compare.md").read_text().rstrip(), ""]
+    lines += [f"![{png.stem}]({png.name})" for png in (sweep.folder / "perplexity.png", sweep.folder / "passkey.png")
+              if png.is_file()]
+    return "\n".join(lines) + "\n"
+
+
+def _gpu_names() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
 
 
 # ------------------------------------------------------------------------------------------------ dry run, W&B
@@ -543,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep.folder.mkdir(parents=True, exist_ok=True)
         if only is None:
             write_atomic(sweep.folder / "sweep.yaml", yaml.safe_dump(sc.model_dump(), sort_keys=False))
-        return execute(sweep, parallel, compare=only is None)
+        command = shlex.join(["python", "launch/sweep.py", *(sys.argv[1:] if argv is None else argv)])
+        return execute(sweep, parallel, compare=only is None, command=command)
     except ValueError as e:  # SweepError, ConfigError, MemoryPlanError, ...: one line with the fix
         if type(e) is ValueError:
             raise

@@ -5,13 +5,13 @@ and the SLURM and torchrun scripts run for real on this CPU machine (one node, t
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from deepspeed.launcher.runner import fetch_hostfile
+from launch.sweep import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "launch/slurm_deepspeed.sbatch", ROOT / "launch/torchrun.sh"]
@@ -64,16 +64,11 @@ def test_hostfile_example_parses_with_deepspeed_and_is_shown_in_the_docs():
     assert "deepspeed --hostfile launch/hostfile.example" in (ROOT / "docs/launch.md").read_text()
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_", "RANK", "WORLD_SIZE"))}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               VENV=str(Path(sys.executable).parent.parent), MASTER_PORT=_free_port(), **extra)
+               VENV=str(Path(sys.executable).parent.parent), MASTER_PORT=str(free_port()), **extra)
     return env
 
 

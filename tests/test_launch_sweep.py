@@ -27,6 +27,7 @@ from launch.sweep import (
     yaml_value,
 )
 from launch.sweep import main as sweep_main  # in-process: the CLI without a new interpreter
+from tests.helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs/sweeps/cpu_tiny.yaml"
@@ -91,6 +92,39 @@ def test_training_free_grid_only_takes_rope_keys_and_builds_eval_commands(tmp_pa
         plan_sweep(bad, [], training_free=True)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_config_plans_in_both_modes_and_opens_with_its_command(path, tmp_path):
+    head = path.read_text().splitlines()[:2]
+    assert head[0].startswith("# Launch:") and str(path.relative_to(ROOT)) in head[0]
+    assert head[1].startswith("# Override:") and "--set" in head[1]
+    sc = load_sweep(path)
+    assert plan_sweep(sc, [f"output.dir={tmp_path}"]).runs
+    assert plan_sweep(sc, [f"output.dir={tmp_path}"], training_free=True).runs
+
+
+def test_linked_grid_keys_change_together_and_training_free_keeps_their_rope_keys(tmp_path):
+    sc = load_sweep(ROOT / "configs/sweeps/testbed.yaml")
+    runs = plan_sweep(sc, [f"output.dir={tmp_path}"]).runs
+    assert [r.name for r in runs][:2] == ["method-linear_factor-4", "method-linear_factor-8"] and len(runs) == 8
+    assert {(r.cfg.rope.factor, r.cfg.data.seq_len, r.cfg.train.micro_batch_size) for r in runs} == {
+        (4.0, 1024, 2), (8.0, 2048, 1)}
+    free = plan_sweep(sc, [f"output.dir={tmp_path}"], training_free=True).runs
+    assert [r.name for r in free] == [r.name for r in runs]
+    assert all(not any(s.startswith(("data.seq_len=", "train.micro")) for s in r.sets) for r in free)
+    assert {r.cfg.rope.factor for r in free} == {4.0, 8.0}
+    bad = sc.model_copy(update={"grid": {"train.lr,train.seed": [[1e-3, 1]]}})
+    with pytest.raises(SweepError, match="drop train.lr,train.seed"):
+        plan_sweep(bad, [], training_free=True)
+
+
+def test_a_linked_value_must_give_one_value_per_key(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: configs/cpu_tiny.yaml\ngrid: {'rope.factor,data.seq_len': [[2, 512], [4]]}\n")
+    with pytest.raises(SweepError, match=r"links 2 keys: each value must be a list of 2 values") as err:
+        load_sweep(path)
+    assert "\n" not in str(err.value)
+
+
 def test_launch_commands_and_gpu_slots(tmp_path):
     run = plan_sweep(load_sweep(SWEEP), [f"output.dir={tmp_path}"]).runs[0]
     ds = train_command(run, Launcher(kind="deepspeed", nproc=2), [2, 3])
@@ -120,9 +154,6 @@ def _sweep(*args, config=SWEEP, check=True):
         raise AssertionError(f"sweep failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
 
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _table(folder: Path) -> dict[tuple, dict]:
@@ -154,7 +185,7 @@ def test_cpu_sweep_of_three_methods_by_two_factors_writes_table_and_plots(full_s
     for run in (folder / x["name"] for x in summary["runs"]):
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["wandb"]["group"] == "cpu_tiny" and saved["output"]["dir"] == str(run)
-        assert len(_losses(run)) == 6 and (run / "merged" / "config.json").is_file()
+        assert len(losses(run)) == 6 and (run / "merged" / "config.json").is_file()
         assert list((run / "wandb").glob("offline-run-*"))
     # the scaling is the run's: factor 4 runs export a config that says so
     merged = json.loads((folder / "method-yarn_factor-4" / "merged" / "config.json").read_text())
@@ -201,7 +232,7 @@ def test_sweep_killed_mid_run_and_restarted_gives_the_same_results(full_sweep, t
 
     r = _sweep(*sets, config=config)
     assert "[sweep] start method-yarn_factor-4 (resumes from step-" in r.stdout
-    assert _losses(victim) == _losses(reference / victim.name)
+    assert losses(victim) == losses(reference / victim.name)
     assert _table(folder) == {("yarn", 4.0): _table(reference)[("yarn", 4.0)]}
     assert "[sweep] skip method-yarn_factor-4" in _sweep(*sets, config=config).stdout
 
@@ -219,6 +250,20 @@ def test_training_free_sweep_evaluates_the_base_model(tmp_path):
     # different methods give different perplexities at 4x the native context
     assert table[("linear", 4.0)]["ppl@1024"] != table[("yarn", 4.0)]["ppl@1024"]
     assert not list(tmp_path.glob("training-free/*/merged"))
+
+    # A training sweep into the same folder: its table and results page hold both kinds of rows.
+    spec["grid"] = {"rope.method": ["yarn"], "rope.factor": [4]}
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    _sweep("--set", f"output.dir={tmp_path}", "--set", "eval.passkey_lengths=[]", "--set", "wandb.enabled=false",
+           config=config)
+    with open(tmp_path / "compare.csv") as f:
+        rows = {(r["method"], r["fine_tuned"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {("linear", "False"), ("yarn", "False"), ("yarn", "True")}
+    assert rows[("yarn", "False")]["ppl@1024"] == table[("yarn", 4.0)]["ppl@1024"]
+    page = (tmp_path / "results.md").read_text()
+    assert f"python launch/sweep.py --config {config}" in page and "--training-free" in page
+    assert "| method-yarn_factor-4 | finished |" in page and "![perplexity](perplexity.png)" in page
+    assert page.count("| yarn |") == 2  # fine-tuned and training-free rows of eval.compare's table
 
 
 @pytest.mark.slow

@@ -3,11 +3,9 @@
 Every run here is `configs/cpu_tiny.yaml` (tiny-llama, YaRN s=2, 512-token rows) launched the way a user would.
 """
 
-import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from launch.sweep import free_port
+from tests.helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -30,14 +31,9 @@ def _env(**extra):
     return env
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
 
 def _cmd(run: Path, *sets: str, nproc: int = 1, resume: str | None = None) -> list[str]:
-    launcher = [PY] if nproc == 1 else [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", _free_port()]
+    launcher = [PY] if nproc == 1 else [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port())]
     cmd = launcher + ["train.py", "--config", "configs/cpu_tiny.yaml", "--set", f"output.dir={run}"]
     for s in sets:
         cmd += ["--set", s]
@@ -52,9 +48,6 @@ def _train(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, che
     return r
 
 
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
     weights = load_file(run / "adapter" / "adapter_model.safetensors")
@@ -66,7 +59,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 def test_two_process_deepspeed_lora_loss_falls(tmp_path, stage):
     run = tmp_path / f"zero{stage}"
     _train(run, f"deepspeed.config=configs/deepspeed/zero{stage}.json", "train.micro_batch_size=1", nproc=2)
-    losses = _losses(run)
+    losses = losses(run)
     assert len(losses) == 10
     assert losses[-1] < losses[0] - 0.5, losses
     assert (run / "merged" / "model.safetensors").is_file()
@@ -76,7 +69,7 @@ def test_one_and_two_processes_agree_at_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _train(one, "train.micro_batch_size=2", "train.max_steps=5")
     _train(two, "train.micro_batch_size=1", "train.max_steps=5", nproc=2)
-    a, b = _losses(one), _losses(two)
+    a, b = losses(one), losses(two)
     assert abs(a[4] - b[4]) < 1e-3, (a, b)
 
 
@@ -104,7 +97,7 @@ def test_sigkill_and_resume_auto_reproduce_the_uninterrupted_run(tmp_path, nproc
     killed_at = _kill_at_random_step(broken, *sets, nproc=nproc, seed=nproc)
     assert killed_at < 16 and not (broken / "merged").exists()
     _train(broken, *sets, nproc=nproc, resume="auto")
-    a, b = _losses(full), _losses(broken)
+    a, b = losses(full), losses(broken)
     assert len(b) == 16
     wa, wb = _adapter(full), _adapter(broken)
     assert wa.keys() == wb.keys()
@@ -128,12 +121,12 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path):
     proc.send_signal(signal.SIGTERM)  # a scheduler's preemption
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-2000:]
-    step = len(_losses(stopped))
+    step = len(losses(stopped))
     assert 4 <= step < 16 and "Traceback" not in err
     assert f"SIGTERM: saved {stopped / 'checkpoints' / f'step-{step:06d}'}" in out
     assert not (stopped / "merged").exists()
     _train(stopped, *sets, resume="auto")
-    assert _losses(stopped) == _losses(full)
+    assert losses(stopped) == losses(full)
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
@@ -145,7 +138,7 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path)
     ckpts = sorted(p.name for p in (broken / "checkpoints").iterdir())
     assert ckpts == [".tmp-step-000010", "step-000005"]  # the half-written one never got its final name
     _train(broken, *sets, resume="auto")
-    assert _losses(broken) == _losses(full)
+    assert losses(broken) == losses(full)
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
 
 
@@ -155,11 +148,11 @@ def test_nan_loss_stops_before_the_optimizer_step(tmp_path):
     assert r.returncode != 0
     assert "error: non-finite loss (nan) at step 3; stopped before the optimizer step" in r.stderr
     assert "step-000002" in r.stderr
-    assert len(_losses(run)) == 2
+    assert len(losses(run)) == 2
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
     # and the last good checkpoint resumes
     _train(run, "train.save_every=2", resume="auto")
-    assert len(_losses(run)) == 10
+    assert len(losses(run)) == 10
 
 
 _PLAIN_RELOAD = """
@@ -230,7 +223,7 @@ def test_run_folder_is_protected_and_resume_checks_the_config(tmp_path):
     r = _train(run, "train.max_steps=4", "train.lr=0.1", resume="auto", check=False)
     assert r.returncode != 0 and "config differs" in r.stderr and "train.lr" in r.stderr
     _train(run, "train.max_steps=4", resume="auto")  # a longer run of the same config continues
-    assert len(_losses(run)) == 4
+    assert len(losses(run)) == 4
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -252,3 +245,41 @@ def test_bad_config_exits_with_one_line(tmp_path, capsys, sets, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not run.exists()
+
+
+def _attention_calls_in_backward(keep: bool) -> tuple[int, dict[str, torch.Tensor], int]:
+    """Build train.py's model for cpu_tiny (checkpointing on, keep_attention as given), run one loss forward and
+    count the fused attention kernels the backward runs; returns (count, LoRA/extra gradients, layers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import train
+    from configs.schema import load_run_config
+
+    cfg = load_run_config(ROOT / "configs/cpu_tiny.yaml", [f"train.checkpoint_keep_attention={str(keep).lower()}"])
+    torch.manual_seed(0)  # the same LoRA initialization and dropout masks in both builds
+    model = train._build_model(cfg, train._model_config(cfg), "fp32", "sdpa")
+    module = train._LossModule(model, cfg.train.loss_chunk_size, None, block_cross_doc=False).train()
+    ids = torch.randint(0, 260, (1, 512), generator=torch.Generator().manual_seed(0))
+    loss, _ = module(ids, ids, torch.arange(512)[None])
+    kernels = set(train.attention_ops())
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func in kernels
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return Count.calls, grads, model.config.num_hidden_layers
+
+
+def test_checkpointing_keeps_attention_outputs_and_the_gradients_do_not_change():
+    kept, grads_kept, layers = _attention_calls_in_backward(True)
+    recomputed, grads_full, _ = _attention_calls_in_backward(False)
+    assert (kept, recomputed) == (0, layers)  # full checkpointing reruns every layer's attention forward
+    assert grads_kept.keys() == grads_full.keys()
+    for name, g in grads_kept.items():
+        torch.testing.assert_close(g, grads_full[name], rtol=0, atol=1e-6)

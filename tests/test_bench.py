@@ -1,0 +1,62 @@
+"""The training benches end to end at tiny settings (tiny-llama preset, 256-512 tokens, one thread per process):
+every path runs, prints its figures and the final JSON line; the memory cap of bench/max_seq_len.py kills a probe
+that goes over it. About a minute on 2 CPU cores."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(script: str, *args: str, out: Path) -> dict:
+    """Run a bench; returns its last stdout line (the JSON), checked against the file --out wrote."""
+    proc = subprocess.run([sys.executable, f"bench/{script}", *args, "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record == json.loads(out.read_text())
+    return record
+
+
+def test_train_throughput_all_paths(tmp_path):
+    paths = ["ours-fp32", "ours", "ours-zero2x2", "trainer", "trainer-bf16"]
+    r = _bench("train_throughput.py", "--model", "tiny-llama", "--lengths", "256,512", "--warmup-len", "128",
+               "--paths", ",".join(paths), out=tmp_path / "train.json")
+    assert {"cpu", "cores", "torch", "date"} <= r["machine"].keys()
+    assert r["matmul_tflops"]["fp32"]["best"] > 0 and r["matmul_tflops"]["bf16"]["best"] > 0
+    got = {(row["variant"], row["seq_len"]): row for row in r["results"]}
+    assert got.keys() == {(p, n) for p in paths for n in (256, 512)}  # the warm-up step is not reported
+    for row in r["results"]:
+        assert row["tokens_per_s"] > 0 and row["peak_rss_gib"] > 0 and 0 < row["mfu"]
+        assert row["tokens"] == row["seq_len"] * row["procs"]
+    two = got[("ours-zero2x2", 512)]
+    assert two["procs"] == 2 and len(two["peak_rss_gib_per_proc"]) == 2
+    assert two["peak_rss_gib"] == pytest.approx(sum(two["peak_rss_gib_per_proc"]), abs=2e-3)
+    assert got[("trainer", 256)]["precision"] == "fp32" and got[("trainer-bf16", 256)]["precision"] == "bf16"
+    comparisons = {(x["comparison"], x["seq_len"]) for x in r["ratios"]}
+    assert ("equal precision: fp32 = fp32", 512) in comparisons
+    assert ("default: ours vs trainer", 512) in comparisons
+    for x in r["ratios"]:
+        assert x["speed_ratio"] > 0 and x["memory_ratio"] > 0
+
+
+def test_max_seq_len_search_and_cap(tmp_path):
+    r = _bench("max_seq_len.py", "--model", "tiny-llama", "--min-len", "256", "--max-len", "384", "--cap-gib", "4",
+               out=tmp_path / "fits.json")
+    assert r["probe_lengths"] == [256, 384]
+    assert r["longest"] == {"trainer": 384, "ours": 384} and r["ours_at_probe_limit"]
+    assert [(p["variant"], p["seq_len"]) for p in r["probes"]] == [("trainer", 256), ("trainer", 384), ("ours", 384)]
+    assert all(p["fits"] and 0 < p["peak_rss_gib"] <= 4 for p in r["probes"])
+
+    # A cap below what Python with torch needs: the parent's polling kills every probe.
+    r = _bench("max_seq_len.py", "--model", "tiny-llama", "--min-len", "256", "--max-len", "384", "--cap-gib", "0.1",
+               out=tmp_path / "killed.json")
+    assert r["longest"] == {"trainer": None, "ours": None}
+    assert r["probes"] and all(not p["fits"] and p["why"].startswith("killed") and p["polled_peak_gib"] > 0.1
+                               for p in r["probes"])
