@@ -58,5 +58,5 @@ def test_max_seq_len_search_and_cap(tmp_path):
     r = _bench("max_seq_len.py", "--model", "tiny-llama", "--min-len", "256", "--max-len", "384", "--cap-gib", "0.1",
                out=tmp_path / "killed.json")
     assert r["longest"] == {"trainer": None, "ours": None}
-    assert r["probes"] and all(not p["fits"] and p["why"].startswith("killed") and p["polled_peak_gib"] > 0.1
+    assert r["probes"] and all(not p["fits"] and p["why"].startswith("killed") and p["polled_peak_gib"] >= 0.1
                                for p in r["probes"])

@@ -191,7 +191,7 @@ def test_train_dry_run_prints_config_and_plan_and_starts_nothing(tmp_path):
     r = _run("train.py", "--config", str(TINY), "--set", f"output.dir={run}", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "resolved config:" in r.stdout and f"dir: {run}" in r.stdout
-    assert "memory plan per GPU" in r.stdout and "10.337 MiB  fits in 80 GiB" in r.stdout
+    assert "memory plan per GPU" in r.stdout and "8.567 MiB  fits in 80 GiB" in r.stdout
     assert not run.exists()  # no run folder, no process group
 
 
