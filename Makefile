@@ -33,7 +33,7 @@ demo: venv
 testbed: venv
 	$(BIN)/python -m launch.testbed
 
-# The three benchmarks of docs/benchmarks.md at their default settings, in order (about 20 minutes on 2 quiet
+# The three benchmarks of docs/benchmarks.md at their default settings, in order (about 19 minutes on 2 quiet
 # cores): training speed and memory against transformers Trainer + peft, the longest seq_len under a memory cap,
 # perplexity-scoring throughput. Each prints its figures last; the JSON records go to runs/bench/.
 bench: venv
