@@ -129,16 +129,21 @@ def _choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16"
         return "fp32", "auto: this GPU has no bf16 support"
-    flags = set()
+    units = cpu_bf16_units()
+    if units:
+        return "bf16", f"auto: this CPU has bf16 matrix units ({', '.join(units)})"
+    return "fp32", "auto: this CPU has no bf16 matrix units (no amx_bf16 or avx512_bf16 in /proc/cpuinfo)"
+
+
+def cpu_bf16_units() -> list[str]:
+    """The bf16 matrix units this CPU lists in /proc/cpuinfo (``amx_bf16``, ``avx512_bf16``); empty elsewhere."""
+    flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    units = sorted(flags & {"amx_bf16", "avx512_bf16"})
-    if units:
-        return "bf16", f"auto: this CPU has bf16 matrix units ({', '.join(units)})"
-    return "fp32", "auto: this CPU has no bf16 matrix units (no amx_bf16 or avx512_bf16 in /proc/cpuinfo)"
+    return sorted(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def _attn_implementation(requested: str, device: torch.device) -> str:

@@ -41,18 +41,16 @@ def machine() -> dict:
     """What a figure was measured on: CPU model, cores, GPU, library versions, date, load average."""
     import transformers
 
+    from train import cpu_bf16_units
+
     cpu = platform.processor() or "unknown"
-    flags: set[str] = set()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "bf16_units": sorted(flags & {"amx_bf16", "avx512_bf16"}),
+        "bf16_units": cpu_bf16_units(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

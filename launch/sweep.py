@@ -521,9 +521,10 @@ def results_page(sweep: Sweep, records: list[dict], command: str) -> str:
     """``results.md``: the command and date, each run's status and time, then eval.compare's table and plots, as the
     sweep wrote them (nothing typed by hand)."""
     mode = "training-free" if sweep.training_free else "train"
+    gpus = _gpu_names()
     lines = [f"# Sweep `{sweep.config.name}` ({mode})", "",
-             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} ({os.cpu_count()} CPU cores"
-             + (f", {_gpu_names()}" if _gpu_names() else ", no GPU") + f"); base config `{sweep.config.base}`.", ""]
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')} ({os.cpu_count()} CPU cores, "
+             + (gpus or "no GPU") + f"); base config `{sweep.config.base}`.", ""]
     tf = _training_free_folders(sweep)
     if tf:
         lines += [f"Rows with fine_tuned = no: the base model under each method, from the `--training-free` sweep in "
