@@ -34,7 +34,7 @@ def one(model_name: str, length: int, docs: int, way: str, repeats: int, threads
 
     from data.loader import forward_kwargs
     from data.pack import row_labels_positions
-    from ropescale.models import load_model
+    from models.load import load_model
 
     torch.set_num_threads(threads)
     model = load_model(model_name).train()

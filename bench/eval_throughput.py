@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
+from bench.common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
 from eval.perplexity import plan_windows, score  # noqa: E402
-from ropescale.loss import IGNORE_INDEX, chunked_causal_lm_loss  # noqa: E402
-from ropescale.models import load_model, load_tokenizer  # noqa: E402
+from models.loss import IGNORE_INDEX, chunked_causal_lm_loss  # noqa: E402
+from models.load import load_model, load_tokenizer  # noqa: E402
 
 
 def hf_recipe(model, ids: torch.Tensor, length: int, stride: int) -> tuple[float, int, int]:

@@ -5,7 +5,7 @@
     python bench/max_seq_len.py --cap-gib 20 --max-len 32768     # the example cap (much longer)
     python bench/max_seq_len.py --precision fp32                 # both at fp32 (default: each its own default)
 
-A probe (path, seq_len) is one process (bench/_training.py) that loads the model, runs a warm-up step at 256 tokens
+A probe (path, seq_len) is one process (bench/train_paths.py) that loads the model, runs a warm-up step at 256 tokens
 (so that the optimizer's states exist, as in any step after the first) and then one optimizer step (forward,
 backward, optimizer step) on one row of seq_len tokens. The parent polls the RSS of the probe's process tree every
 50 ms and SIGKILLs it as soon as it exceeds the cap: that length does not fit. A probe also fails when the process's
@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit_record, machine  # noqa: E402
-from bench._training import MODELS, VARIANTS, launch  # noqa: E402
+from bench.common import emit_record, machine  # noqa: E402
+from bench.train_paths import MODELS, VARIANTS, launch  # noqa: E402
 
 PAIRS = {  # --precision: (ours, baseline)
     "default": ("ours", "trainer"),

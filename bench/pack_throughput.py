@@ -51,7 +51,7 @@ def _chapters(folder: Path, target_chars: int = 8000) -> Path:
 def one(model: str, corpus: str, seq_len: int, num_proc: int) -> dict:
     from data.config import DataConfig, SourceSpec
     from data.pack import build_packed
-    from ropescale.models import load_tokenizer
+    from models.load import load_tokenizer
 
     tok = load_tokenizer(model)
     with tempfile.TemporaryDirectory() as tmp:

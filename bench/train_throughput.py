@@ -5,7 +5,7 @@
     python bench/train_throughput.py --model testbed                  # the testbed architecture at 1k, 2k, 4k
     python bench/train_throughput.py --paths ours,trainer --lengths 2048 --out runs/bench/train.json
 
-Paths (bench/_training.py says exactly what each runs): ``ours-fp32`` and ``ours`` (our default precision, auto:
+Paths (bench/train_paths.py says exactly what each runs): ``ours-fp32`` and ``ours`` (our default precision, auto:
 bf16 on CPUs with bf16 matrix units and on GPUs), one process each; ``ours-zero2x2``, the default with DeepSpeed
 ZeRO-2 over two processes (threads split between them); ``trainer`` (its default fp32) and ``trainer-bf16``
 (``bf16=True``), both with activation checkpointing and the model's own full-logits loss.
@@ -13,7 +13,7 @@ ZeRO-2 over two processes (threads split between them); ``trainer`` (its default
 Each path runs in its own process: the model is loaded once, a warm-up step at ``--warmup-len`` tokens, then one
 timed optimizer step per length in ascending order. tokens/s = tokens trained in the step / its wall time (both
 ranks' rows for two processes); peak RSS = the process's RSS high-water mark during the step (VmHWM reset before
-it; summed over the two processes, each also shown); MFU = model FLOPs/s (bench/_training.flops_per_token) / the
+it; summed over the two processes, each also shown); MFU = model FLOPs/s (bench/train_paths.flops_per_token) / the
 fp32 or bf16 matrix-multiply rate measured here first with the same number of threads. Printed last: the table, the
 ratios ours / Trainer at equal precision and default against default, the targets, then one JSON line (``--out``
 also writes it to a file).
@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import emit_record, machine  # noqa: E402
-from bench._training import (MODELS, VARIANTS, check_choice, flops_per_token, launch,  # noqa: E402
+from bench.common import emit_record, machine  # noqa: E402
+from bench.train_paths import (MODELS, VARIANTS, check_choice, flops_per_token, launch,  # noqa: E402
                              parse_lengths)
 
 DEFAULT_PATHS = "ours-fp32,ours,ours-zero2x2,trainer,trainer-bf16"

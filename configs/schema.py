@@ -7,25 +7,22 @@ applies ``--set section.key=value`` overrides (values parsed as YAML), and valid
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import model_validator
 
 from data.config import DataConfig
+from utils.cli import UserError
+from utils.schema import StrictModel, validate
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot run; the message is one line naming the key and the fix."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class ModelSection(_Section):
+class ModelSection(StrictModel):
     name: str
     """The base model: a hub id, a local safetensors folder, a .gguf file, `smollm2-135m`, or a tiny preset
     (`tiny-llama`, `tiny-mistral`, `tiny-qwen2`)."""
@@ -41,7 +38,7 @@ class ModelSection(_Section):
     """Run code shipped with a hub model. Off by default: it executes someone else's Python."""
 
 
-class RopeSection(_Section):
+class RopeSection(StrictModel):
     method: str = "none"
     """RoPE scaling method, a key of ropescale.methods.ROPE_METHODS (none, linear, ntk_aware, dynamic_ntk,
     ntk_by_parts, yarn, dynamic_yarn, llama3, longrope, theta)."""
@@ -64,7 +61,7 @@ class RopeSection(_Section):
         return self
 
 
-class LoraSection(_Section):
+class LoraSection(StrictModel):
     enabled: bool = True
     """LoRA fine-tuning; false trains every weight (full fine-tuning)."""
     r: int = 8
@@ -80,7 +77,7 @@ class LoraSection(_Section):
     needs trainable embeddings and norms)."""
 
 
-class TrainSection(_Section):
+class TrainSection(StrictModel):
     max_steps: int | None = 100
     """Optimizer steps to run; with max_tokens the run stops at whichever comes first."""
     max_tokens: int | None = None
@@ -128,13 +125,13 @@ class TrainSection(_Section):
         return self
 
 
-class DeepSpeedSection(_Section):
+class DeepSpeedSection(StrictModel):
     config: str = "configs/deepspeed/zero2.json"
     """DeepSpeed JSON (configs/deepspeed/: zero0-3, offload variants); its `auto` values are filled from this
     config."""
 
 
-class WandbSection(_Section):
+class WandbSection(StrictModel):
     enabled: bool = True
     """Log to Weights & Biases."""
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
@@ -151,7 +148,7 @@ class WandbSection(_Section):
     """Run tags."""
 
 
-class EvalSection(_Section):
+class EvalSection(StrictModel):
     perplexity_lengths: list[int] = []
     """Lengths for perplexity on the held-out split after training (empty: skip)."""
     perplexity_mode: Literal["sliding", "truncate"] = "sliding"
@@ -166,12 +163,12 @@ class EvalSection(_Section):
     """Trials per (length, depth)."""
 
 
-class OutputSection(_Section):
+class OutputSection(StrictModel):
     dir: str
     """The run folder: config.yaml, metrics.jsonl, checkpoints/, adapter/, merged/, eval/."""
 
 
-class RunConfig(_Section):
+class RunConfig(StrictModel):
     model: ModelSection
     """The base model."""
     rope: RopeSection = RopeSection()
@@ -190,32 +187,6 @@ class RunConfig(_Section):
     """Evaluation of the merged model after training; omitted: no evaluation."""
     output: OutputSection
     """Where the run is written."""
-
-
-def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        sub = field.annotation
-        for cand in getattr(sub, "__args__", (sub,)):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                keys += _all_keys(cand, f"{prefix}{name}.")
-    return keys
-
-
-def _one_line(err: ValidationError) -> str:
-    e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"])
-    if e["type"] == "extra_forbidden":
-        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        options = [k for k in _all_keys(RunConfig) if k.startswith(parent) and "." not in k[len(parent):]]
-        close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
-        return f"unknown config key '{key}'{hint}"
-    if e["type"] == "missing":
-        return f"missing config key '{key}'"
-    msg = e["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg}" if key else msg
 
 
 def set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -242,10 +213,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 def validate_run_config(raw: dict) -> RunConfig:
     """Validate a config dict (already merged with overrides)."""
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_one_line(e)) from None
+    return validate(RunConfig, raw, ConfigError)
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

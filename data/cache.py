@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from data.config import DataConfig
+from utils.files import cache_dir
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -37,8 +33,6 @@ def cache_root(cfg: DataConfig) -> Path:
     """``cfg.cache_dir`` or ``$ROPESCALE_CACHE/packed``."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    from ropescale.models import cache_dir
-
     return cache_dir() / "packed"
 
 
@@ -74,23 +68,3 @@ def rows_key(cfg: DataConfig, tokens: str, specials: tuple[int | None, int]) -> 
 
 def is_complete(path: Path) -> bool:
     return (path / META).is_file()
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to ``final``; on success rename it to ``final``, on any error remove it.
-
-    If another process completed ``final`` first (two ranks building the same key), its copy is kept and ours is
-    removed: both hold the same rows.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not is_complete(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,18 +9,35 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from utils.cli import UserError
+from utils.schema import StrictModel
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Data that cannot be turned into rows; the message is one line naming the problem and the fix."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+# The settings of each synthetic generator (data/synthetic.py) and their defaults; checked here, with the rest of a
+# source, when a config is loaded.
+SYNTHETIC_PARAMS = {"passkey": {"max_filler": 5, "seed": 0}, "copy": {"max_numbers": 12, "seed": 0}}
 
 
-class SourceSpec(_Model):
+def check_synthetic_params(name: str, params: dict[str, Any]) -> None:
+    """Raise DataError (one line) unless ``params`` are valid settings of synthetic generator ``name``."""
+    if name not in SYNTHETIC_PARAMS:
+        raise DataError(f"unknown synthetic generator '{name}'; use one of: {', '.join(SYNTHETIC_PARAMS)}")
+    valid = SYNTHETIC_PARAMS[name]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise DataError(f"synthetic {name}: unknown params {', '.join(unknown)}; valid: {', '.join(valid)}")
+    for key, value in params.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            raise DataError(f"synthetic {name}: params.{key} must be a positive integer, got {value!r}")
+
+
+class SourceSpec(StrictModel):
     kind: Literal["bundled", "hub", "files", "synthetic"]
     """`bundled`: the corpus in data/corpus (split: train, heldout or all); `hub`: `datasets.load_dataset(name,
     config, split=split)` (a hub id, or a local dataset folder); `files`: local .txt (one document per file),
@@ -58,12 +75,10 @@ class SourceSpec(_Model):
         if self.kind == "bundled" and self.split not in ("train", "heldout", "all"):
             raise ValueError(f"bundled split must be train, heldout or all, got '{self.split}'")
         if self.kind == "synthetic":
-            from data.synthetic import GENERATORS, check_params
-
             if not self.name or not self.max_docs:
-                raise ValueError(f"a synthetic source needs `name` (one of: {', '.join(GENERATORS)}) and `max_docs` "
-                                 "(how many documents to generate)")
-            check_params(self.name, self.params)
+                raise ValueError(f"a synthetic source needs `name` (one of: {', '.join(SYNTHETIC_PARAMS)}) and "
+                                 "`max_docs` (how many documents to generate)")
+            check_synthetic_params(self.name, self.params)
         elif self.params:
             raise ValueError(f"`params` is for synthetic sources only (this source is {self.kind})")
         return self
@@ -73,7 +88,7 @@ class SourceSpec(_Model):
         return f"{self.kind}:{self.split if self.kind == 'bundled' else self.name or self.path}"
 
 
-class DataConfig(_Model):
+class DataConfig(StrictModel):
     sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="bundled", split="train")])
     """The documents, read in this order, then mixed by weight and shuffled by `seed`."""
     seq_len: int = Field(default=8192, gt=1)

@@ -6,7 +6,7 @@ after pass in a seeded order (weights repeat or subsample a source's documents) 
 partial tail (< seq_len tokens) is dropped and counted, nothing is padded.
 
 Modes (each row carries ``input_ids``, ``labels``, ``position_ids``; labels are aligned with the inputs and the model
-or ``ropescale.loss`` shifts them):
+or ``models.loss`` shifts them):
 
 - ``concat``: positions 0..seq_len-1 whatever the documents (PI and YaRN trained this way); labels = input_ids, so
   the first token of a document is predicted from the previous document's EOS, as in pretraining.
@@ -21,26 +21,26 @@ or ``ropescale.loss`` shifts them):
   for every row. The text of a row stays contiguous (no content skipping), so every stream token is used once.
   Labels = input_ids.
 
-CLI: ``python -m data.pack --model smollm2-135m --seq-len 8192 [--mode reset] [--source files:PATH] ...`` builds (or
-reuses) the packed set and prints its stats.
+CLI: ``python -m data pack --model smollm2-135m --seq-len 8192 [--mode reset] [--source files:PATH] ...`` builds
+(or reuses) the packed set and prints its stats (``data/__main__.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
-from data.cache import META, atomic_dir, cache_root, is_complete, rows_key, tokens_key
+from data.cache import META, cache_root, is_complete, rows_key, tokens_key
 from data.config import DataConfig, DataError, SourceSpec
 from data.sources import read_source, source_fingerprint
-from data.stats import format_stats, packing_stats, save_json
+from data.stats import format_stats, packing_stats
 from data.tokenize import special_ids, tokenize_texts, tokenizer_fingerprint
+from utils.files import atomic_dir, write_json
+from utils.schema import validate
 
 IGNORE_INDEX = -100
 ARRAYS = ("input_ids", "labels", "position_ids")
@@ -162,7 +162,7 @@ def tokenized_documents(cfg: DataConfig, tokenizer, root: Path, key: str) -> Pat
         _log(f"data: reusing tokenized documents {final} (same sources and tokenizer; nothing tokenized)")
         return final
     _log(f"data: tokenizing into {final}")
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, keep_existing=True) as tmp:
         docs, source_of, source_stats = [], [], []
         for i, spec in enumerate(cfg.sources):
             texts, stats = read_source(spec, root / "hf-datasets")
@@ -175,7 +175,7 @@ def tokenized_documents(cfg: DataConfig, tokenizer, root: Path, key: str) -> Pat
         np.save(tmp / "tokens.npy", np.concatenate(docs) if docs else np.zeros(0, np.int32))
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         np.save(tmp / "source.npy", np.array(source_of, dtype=np.int32))
-        save_json({"key": key, "sources": source_stats}, tmp / META)
+        write_json(tmp / META, {"key": key, "sources": source_stats}, indent=2)
     return final
 
 
@@ -234,7 +234,7 @@ def build_packed(cfg: DataConfig, tokenizer) -> PackedDataset:
         return ds
     tok_dir = tokenized_documents(cfg, tokenizer, root, tkey)
     _log(f"data: packing into {final}")
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, keep_existing=True) as tmp:
         per_source, source_stats, short, short_tokens = _filtered_documents(tok_dir, cfg)
         docs = [a for kept in per_source for a in kept]
         order = stream_order([len(k) for k in per_source], [s.weight for s in cfg.sources], cfg.passes, cfg.seed)
@@ -248,13 +248,13 @@ def build_packed(cfg: DataConfig, tokenizer) -> PackedDataset:
             short_filtered_tokens=short_tokens, stream_docs=len(order), stream_tokens=len(tokens), rows=n_rows,
             seq_len=cfg.seq_len, mode=cfg.mode, passes=cfg.passes, specials_per_doc=2 if bos is not None else 1,
         )
-        save_json(stats, tmp / "stats.json")
-        save_json({"key": final.name, "tokens_key": tkey, "config": cfg.model_dump(), "stats": stats}, tmp / META)
+        write_json(tmp / "stats.json", stats, indent=2)
+        write_json(tmp / META, {"key": final.name, "tokens_key": tkey, "config": cfg.model_dump(), "stats": stats}, indent=2)
     _log(format_stats(stats))
     return PackedDataset(final, cfg)
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------- command-line sources
 
 
 def parse_source(text: str) -> SourceSpec:
@@ -269,55 +269,4 @@ def parse_source(text: str) -> SourceSpec:
             fields[key.strip()] = value
         else:
             fields[main] = item
-    return SourceSpec.model_validate(fields)
-
-
-def _one_line(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    return (f"{where}: " if where else "") + err["msg"].removeprefix("Value error, ")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.pack", description="Build (or reuse) a packed set and print "
-                                "its stats.")
-    p.add_argument("--model", required=True, help="model whose tokenizer to use (smollm2-135m, tiny-llama, a folder)")
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--mode", choices=["concat", "reset", "pose"], default="concat")
-    p.add_argument("--block-cross-doc", action="store_true", help="reset mode: block attention across documents")
-    p.add_argument("--pose-target-len", type=int)
-    p.add_argument("--pose-chunks", type=int, default=2)
-    p.add_argument("--source", action="append", help="kind[:value][,key=value...]; repeatable (default "
-                   "bundled:train)")
-    p.add_argument("--min-doc-tokens", type=int, default=0)
-    p.add_argument("--passes", type=int, default=1)
-    p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir")
-    p.add_argument("--num-proc", type=int, default=1)
-    p.add_argument("--stats-out", help="also write the stats JSON here")
-    args = p.parse_args(argv)
-    try:
-        from ropescale.models import load_tokenizer
-
-        cfg = DataConfig(
-            sources=[parse_source(s) for s in args.source or ["bundled:train"]], seq_len=args.seq_len,
-            mode=args.mode, block_cross_doc=args.block_cross_doc, pose_target_len=args.pose_target_len,
-            pose_chunks=args.pose_chunks, min_doc_tokens=args.min_doc_tokens, passes=args.passes,
-            add_bos=args.add_bos, seed=args.seed, cache_dir=args.cache_dir, num_proc=args.num_proc,
-        )
-        ds = build_packed(cfg, load_tokenizer(args.model))
-    except ValidationError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # DataError, ModelLoadError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"packed set: {ds.path} ({len(ds):,} rows; stats in {ds.path / 'stats.json'})")
-    if args.stats_out:
-        save_json(ds.stats, args.stats_out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return validate(SourceSpec, fields, DataError, "source setting")

@@ -72,17 +72,3 @@ def format_stats(stats: dict) -> str:
         "  document lengths (tokens): " + ", ".join(f"{k} {v}" for k, v in stats["doc_length_histogram"].items()),
     ]
     return "\n".join(lines)
-
-
-def save_json(obj: dict, path: str | Path) -> None:
-    """Write ``obj`` as JSON atomically (temporary name in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

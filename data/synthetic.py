@@ -2,9 +2,9 @@
 
 A model only learns to retrieve a pass key if it sees retrieval during training. Two generators:
 
-- ``passkey``: the evaluation's own prompt (``eval.passkey.prompt_text``: task statement, filler groups, the key line
+- ``passkey``: the evaluation's own prompt (``data.prompts.prompt_text``: task statement, filler groups, the key line
   at some depth, more filler, the question) followed by its answer, `` NNNNN.``. The wording lives in
-  eval/passkey.py only, so training and evaluation cannot drift apart. The number of filler groups is drawn
+  data/prompts.py only, and eval.passkey scores the same prompt, so training and evaluation cannot drift apart. The number of filler groups is drawn
   uniformly from 0 to ``max_filler`` and the key's depth uniformly among the possible positions.
 - ``copy``: ``Numbers: a b. Again: a b.`` with 1 to ``max_numbers`` random 5-digit numbers. Every digit of the second
   list can only be predicted by looking it up in the first: the look-up a passkey answer needs (an induction head),
@@ -31,31 +31,15 @@ import json
 import random
 from typing import Any
 
-from data.config import DataError
+from data.config import SYNTHETIC_PARAMS, check_synthetic_params
+from data.prompts import prompt_text, wording
 
 GENERATOR_VERSION = 1  # bump when the document layout changes: the packed-set cache key includes it
-_PARAMS = {"passkey": {"max_filler": 5, "seed": 0}, "copy": {"max_numbers": 12, "seed": 0}}
-GENERATORS = tuple(_PARAMS)
-
-
-def check_params(name: str, params: dict[str, Any]) -> None:
-    """Raise DataError (one line) unless ``params`` are valid settings of generator ``name``."""
-    if name not in GENERATORS:
-        raise DataError(f"unknown synthetic generator '{name}'; use one of: {', '.join(GENERATORS)}")
-    valid = _PARAMS[name]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise DataError(f"synthetic {name}: unknown params {', '.join(unknown)}; valid: {', '.join(valid)}")
-    for key, value in params.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
-            raise DataError(f"synthetic {name}: params.{key} must be a positive integer, got {value!r}")
 
 
 def passkey_document(key: str, n_before: int, n_after: int) -> str:
     """One training document: the evaluation prompt with the key after ``n_before`` filler groups and ``n_after``
     groups before the question, then the answer (`` <key>.``, as the model should continue the prompt)."""
-    from eval.passkey import prompt_text
-
     return f"{prompt_text(key, n_before, n_after)} {key}."
 
 
@@ -79,8 +63,8 @@ def copy_sample(index: int, max_numbers: int, seed: int = 0) -> str:
 
 def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
     """``n_docs`` documents of generator ``name`` with ``params`` (see module docstring)."""
-    check_params(name, params)
-    p = {**_PARAMS[name], **params}
+    check_synthetic_params(name, params)
+    p = {**SYNTHETIC_PARAMS[name], **params}
     if name == "copy":
         return [copy_sample(i, p["max_numbers"], p["seed"]) for i in range(n_docs)]
     return [passkey_sample(i, p["max_filler"], p["seed"])[0] for i in range(n_docs)]
@@ -88,9 +72,5 @@ def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
 
 def fingerprint(name: str) -> str:
     """What the packed-set cache must know beyond the source's settings: the generator's version and the prompt
-    wording it copies from eval/passkey.py (a changed wording must not reuse old rows)."""
-    from eval import passkey
-
-    parts = [GENERATOR_VERSION, name, passkey.PROMPT_VERSION, passkey.TASK, passkey.FILLER, passkey.KEY_LINE,
-             passkey.QUESTION]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    wording it copies from data/prompts.py (a changed wording must not reuse old rows)."""
+    return hashlib.sha256(json.dumps([GENERATOR_VERSION, name, *wording()]).encode()).hexdigest()

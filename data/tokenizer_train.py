@@ -15,13 +15,13 @@ same corpus and settings give a byte-identical ``tokenizer.json``.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from data.config import DataError
+from utils.cli import run_cli
+from utils.files import atomic_dir
 
 SPECIALS = ("<s>", "</s>", "<pad>")
 DIGITS = "0123456789"
@@ -58,15 +58,8 @@ def build_tokenizer(out: str | Path, vocab_size: int = 4096) -> Path:
 
     out = Path(out)
     tokenizer = train_bpe((d.text for d in load_corpus("train")), vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -75,14 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="tokenizer folder to write")
     ap.add_argument("--vocab-size", type=int, default=4096, help="total vocabulary (specials + bytes + merges)")
     args = ap.parse_args(argv)
-    try:
-        path = build_tokenizer(args.out, args.vocab_size)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = build_tokenizer(args.out, args.vocab_size)
     print(f"tokenizer: {path} ({args.vocab_size} tokens)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -4,7 +4,7 @@
 - a run folder written by ``train.py`` (it holds ``merged/`` and the resolved ``config.yaml``): the fine-tuned model,
   with the method and factor it was trained with;
 - a model folder (``config.json`` + safetensors), e.g. a run's ``merged/``;
-- a model name understood by ``ropescale.models`` (``smollm2-135m``, a tiny preset, a hub id).
+- a model name understood by ``models.load`` (``smollm2-135m``, a tiny preset, a hub id).
 
 ``--rope METHOD --factor S`` applies a ``ropescale`` method to the model's config before it is built (training-free
 mode); several methods, comma-separated, are evaluated one after the other, each into its own result folder.
@@ -15,23 +15,26 @@ perplexity results of one model sit side by side for ``eval.compare``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
 import re
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from models.build import build_model, scaled_config
+from models.load import load_config, load_tokenizer
+from ropescale.apply import rope_of
+from ropescale.methods import ROPE_METHODS
+from utils.cli import UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Bad eval input; the message is one line naming the problem and the fix."""
 
 
@@ -60,8 +63,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=True, help="run folder, model folder, or model name (e.g. smollm2-135m)")
     g.add_argument("--rope", default=None,
-                   help="training-free: RoPE method(s) to apply, comma-separated (none, linear, ntk_aware, "
-                        "dynamic_ntk, ntk_by_parts, yarn, dynamic_yarn, llama3, longrope, theta)")
+                   help=f"training-free: RoPE method(s) to apply, comma-separated ({', '.join(ROPE_METHODS)})")
     g.add_argument("--factor", type=float, default=None, help="scale factor s for --rope")
     g.add_argument("--rope-params", default=None, help="method parameters as JSON, e.g. '{\"beta_fast\": 32}'")
     g.add_argument("--original-len", type=int, default=None, help="the model's original context (default: config)")
@@ -126,22 +128,16 @@ def load_eval_model(spec: str, variant: dict, dtype: str = "float32") -> EvalMod
     ``info``: model (as given), source (run/folder/name), method, factor, fine_tuned, rope_parameters,
     original_context, dtype, label (for tables), slug (result folder name).
     """
-    from ropescale.apply import apply_rope, rope_of
-    from ropescale.models import load_config, load_model, load_tokenizer
-
     where = locate(spec)
-    config = load_config(where["load"])
     if variant:
-        config = apply_rope(config, variant["method"], variant["factor"], variant["params"],
-                            original_len=variant["original_len"], rebase=variant["rebase"])
+        config = scaled_config(where["load"], variant["method"], variant["factor"], variant["params"],
+                               original_len=variant["original_len"], rebase=variant["rebase"])
+    else:
+        config = load_config(where["load"])
     # Method and factor as the config records them (ropescale's provenance record, else rope_parameters): for a
     # run folder that is what it was trained with.
     rope = rope_of(config)
-    model = load_model(where["load"], config=config, dtype=DTYPES[dtype])
-    if rope["method"] == "dynamic_yarn":
-        from ropescale.runtime import enable_dynamic_yarn
-
-        enable_dynamic_yarn(model)
+    model = build_model(where["load"], config, dtype=DTYPES[dtype])
     tokenizer = load_tokenizer(where["load"])
     fine_tuned = where["run_dir"] is not None
     is_dir = Path(spec).expanduser().is_dir()
@@ -167,35 +163,11 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib Figure as PNG atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    write_atomic(path, buf.getvalue())
-
-
 def length_axis(ax, lengths: list[int]) -> None:
     """A log2 x axis labelled with the evaluated lengths as plain numbers (4096, not 2^12)."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.minorticks_off()
-
-
-def write_json(path: Path, result: dict) -> None:
-    write_atomic(path, json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
 def log(msg: str) -> None:
@@ -212,20 +184,6 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
-
-
-def run_cli(main: Callable[[list[str] | None], dict], argv: list[str] | None = None) -> int:
-    """Run an eval ``main``, turning bad input (ours, the model loader's, ropescale's) into one ``error: ...`` line
-    and exit status 2."""
-    from ropescale.methods import RopeConfigError
-    from ropescale.models import ModelLoadError
-
-    try:
-        main(argv)
-    except (EvalError, ModelLoadError, RopeConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def each_model(args: argparse.Namespace) -> Iterator[EvalModel]:

@@ -19,8 +19,10 @@ import json
 import math
 from pathlib import Path
 
-from eval.common import EvalError, length_axis, log, run_cli, save_figure, write_atomic
+from eval.common import EvalError, length_axis, log
 from eval.passkey import draw_heatmap
+from utils.cli import run_cli
+from utils.files import save_figure, write_atomic
 
 KINDS = ("perplexity", "passkey")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from data.prompts import FILLER, KEY_LINE, PROMPT_VERSION, QUESTION, TASK, prompt_text
 from eval.common import (
     EvalError,
     Timer,
@@ -31,20 +32,10 @@ from eval.common import (
     emit,
     log,
     parse_int_list,
-    run_cli,
-    save_figure,
-    write_atomic,
-    write_json,
 )
+from utils.cli import run_cli
+from utils.files import save_figure, write_atomic, write_json
 
-TASK = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there."
-)
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
-PROMPT_VERSION = 1  # bump when the wording or layout changes: results of different versions are not comparable
 DEFINITION = (
     "passkey: prompt = task statement, filler (repeated to fill length - max_new_tokens tokens), key line at "
     "depth d (round(d*n) of n filler groups before it), question; greedy decoding of max_new_tokens tokens after "
@@ -65,12 +56,6 @@ class Prompt:
 def pass_key(seed: int, length: int, depth: float, trial: int) -> str:
     """The 5-digit key of one cell and trial; a string seed hashes the same way on every platform (sha512)."""
     return str(random.Random(f"passkey/{seed}/{length}/{depth:.6f}/{trial}").randint(10000, 99999))
-
-
-def prompt_text(key: str, n_before: int, n_after: int) -> str:
-    """The prompt with ``n_before`` filler groups before the key line and ``n_after`` after it."""
-    parts = [TASK, " ".join([FILLER] * n_before), KEY_LINE.format(key=key), " ".join([FILLER] * n_after), QUESTION]
-    return "\n".join(p for p in parts if p)
 
 
 def build_prompt(tokenizer, length: int, depth: float, key: str, max_new_tokens: int) -> Prompt:

@@ -10,7 +10,7 @@ Two definitions, because the field uses both and their numbers are not comparabl
   tokens and scored as one window; shorter documents are skipped.
 
 Both report ``ppl = exp(sum of token NLL / number of scored tokens)``. Scoring runs without gradients and without a KV
-cache, and the LM head only ever sees the scored positions, in chunks (``ropescale.loss``): the ``[length, vocab]``
+cache, and the LM head only ever sees the scored positions, in chunks (``models.loss``): the ``[length, vocab]``
 logits never exist. Besides one perplexity per length, the first window at the longest length is kept per token and
 averaged in position buckets: how the loss behaves before and past the model's original context.
 
@@ -34,13 +34,11 @@ from eval.common import (
     emit,
     log,
     parse_int_list,
-    run_cli,
     length_axis,
-    save_figure,
-    write_atomic,
-    write_json,
 )
-from ropescale.loss import IGNORE_INDEX, causal_lm_parts, chunked_causal_lm_loss
+from models.loss import IGNORE_INDEX, causal_lm_parts, chunked_causal_lm_loss
+from utils.cli import run_cli
+from utils.files import save_figure, write_atomic, write_json
 
 MODES = ("sliding", "truncate")
 DEFINITIONS = {

@@ -27,8 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from configs.schema import ConfigError, load_run_config
+import torch
+
+from configs.schema import load_run_config
 from launch.testbed import MODEL_DIR, TestbedError, build, deepspeed_launcher
+from training.runtime import choose_precision
+from utils.cli import run_cli
 
 CONFIG = Path("configs/testbed/yarn_4x.yaml")
 DEMO_DIR = Path("runs/demo")
@@ -64,11 +68,7 @@ def eval_dtype() -> str:
     """bfloat16 where the CPU has bf16 matrix units (train.py's ``auto`` rule), else float32. Measured on the testbed
     base (this 2-core machine, one thread): 2.5x faster at 256 tokens, 1.9x at 2048, perplexity equal to 1e-4
     relative (logits are upcast to fp32 either way)."""
-    import torch
-
-    from train import _choose_precision
-
-    return "bfloat16" if _choose_precision("auto", torch.device("cpu"))[0] == "bf16" else "float32"
+    return "bfloat16" if choose_precision("auto", torch.device("cpu"))[0] == "bf16" else "float32"
 
 
 def eval_jobs(run: Path, factor: float, e, out: Path, dtype: str = "float32") -> list[tuple[str, list[str]]]:
@@ -129,12 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--parallel", type=int, default=2, help="evaluation processes at a time (one thread each)")
     args = ap.parse_args(argv)
-    try:
-        demo(max(1, args.parallel))
-    except (ConfigError, TestbedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda _: demo(max(1, args.parallel)))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -53,13 +52,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 if __package__ in (None, ""):  # `python launch/sweep.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.schema import ConfigError, RunConfig, load_run_config, parse_overrides  # noqa: E402
-from eval.common import write_atomic  # noqa: E402
+from training.checkpoint import complete_checkpoints  # noqa: E402
+from utils.cli import free_port, run_cli  # noqa: E402
+from utils.files import write_atomic  # noqa: E402
+from utils.schema import StrictModel, validate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "sweep_run.json"
@@ -73,11 +75,7 @@ class SweepError(ConfigError):
 # ---------------------------------------------------------------------------------------------------- the config
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Launcher(_Model):
+class Launcher(StrictModel):
     kind: Literal["python", "deepspeed", "torchrun"] = "python"
     """How each run starts: `python train.py` (one process), the `deepspeed` launcher, or `torchrun`."""
     nproc: int = Field(default=1, ge=1)
@@ -88,7 +86,7 @@ class Launcher(_Model):
     """GPU ids shared out among parallel runs; default: every visible GPU."""
 
 
-class SweepConfig(_Model):
+class SweepConfig(StrictModel):
     name: str
     """The sweep's name: the W&B group of its runs."""
     base: str
@@ -153,11 +151,9 @@ def load_sweep(path: str | Path) -> SweepConfig:
     except yaml.YAMLError as e:
         raise SweepError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     try:
-        return SweepConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise SweepError(f"{path}: {key}: {err['msg'].removeprefix('Value error, ')}") from None
+        return validate(SweepConfig, raw, SweepError, "sweep key")
+    except SweepError as e:
+        raise SweepError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------------- the runs
@@ -309,20 +305,12 @@ def state_of(run: Run, training_free: bool) -> str:
     """finished | resumes from step-N | new."""
     if is_finished(run, training_free):
         return "finished"
-    from train import complete_checkpoints  # what `--resume auto` will pick
 
     complete = [] if training_free else complete_checkpoints(run.folder)
     return f"resumes from {complete[-1].name}" if complete else "new"
 
 
 # ------------------------------------------------------------------------------------------------------ launching
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now, for a launcher's rendezvous (also used by bench/ and the tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tool(name: str) -> str:
@@ -402,7 +390,7 @@ def execute_run(run: Run, sweep: Sweep, devices: list[int] | None, parallel: int
     env = _child_env()
     launcher = sweep.config.launcher
     if devices is None and "OMP_NUM_THREADS" not in env:
-        # CPU: share the cores among the parallel runs' processes (oversubscribed threads cost 30x, FIELD_NOTES)
+        # CPU: share the cores among the parallel runs' processes (oversubscribed threads cost 30x, docs/notes.md)
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (parallel * launcher.nproc)))
     elif devices is not None and launcher.kind != "deepspeed":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
@@ -552,7 +540,7 @@ def _gpu_names() -> str:
 def dry_run(sweep: Sweep, gpu_mem_gib: float) -> str:
     """Each run's state and command; for training runs each one's memory total, then the resolved config and full
     memory plan of the run that needs the most."""
-    from launch.memory import format_plan, plan_memory
+    from training.memory import format_plan, plan_memory
 
     launcher = sweep.config.launcher
     lines = [f"sweep {sweep.config.name}: {len(sweep.runs)} run(s) in {sweep.folder}; launcher {launcher.kind} x "
@@ -602,32 +590,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--point", nargs="+", metavar="KEY=VALUE",
                     help="run only this grid point (what the W&B sweep's agent calls)")
     args = ap.parse_args(argv)
-    try:
-        sc = load_sweep(args.config)
-        parallel = args.parallel or sc.launcher.parallel
-        if parallel < 1:
-            raise SweepError(f"--parallel must be >= 1, got {parallel}")
-        if sc.launcher.kind == "python" and sc.launcher.nproc != 1:
-            raise SweepError("launcher.kind python runs one process; use deepspeed or torchrun for nproc > 1")
-        only = dict(parse_overrides(args.point)) if args.point else None
-        sweep = plan_sweep(sc, args.set, args.training_free, only)
-        if args.emit_wandb_sweep:
-            write_atomic(Path(args.emit_wandb_sweep), wandb_sweep_yaml(sc, args.config, args.set))
-            _say(f"wrote {args.emit_wandb_sweep}: `wandb sweep {args.emit_wandb_sweep}`, then `wandb agent <id>`")
-            return 0
-        if args.dry_run:
-            print(dry_run(sweep, args.gpu_mem_gib))
-            return 0
-        sweep.folder.mkdir(parents=True, exist_ok=True)
-        if only is None:
-            write_atomic(sweep.folder / "sweep.yaml", yaml.safe_dump(sc.model_dump(), sort_keys=False))
-        command = shlex.join(["python", "launch/sweep.py", *(sys.argv[1:] if argv is None else argv)])
-        return execute(sweep, parallel, compare=only is None, command=command)
-    except ValueError as e:  # SweepError, ConfigError, MemoryPlanError, ...: one line with the fix
-        if type(e) is ValueError:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda _: run_sweep(args, argv))
+
+
+def run_sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The command, after its arguments are parsed."""
+    sc = load_sweep(args.config)
+    parallel = args.parallel or sc.launcher.parallel
+    if parallel < 1:
+        raise SweepError(f"--parallel must be >= 1, got {parallel}")
+    if sc.launcher.kind == "python" and sc.launcher.nproc != 1:
+        raise SweepError("launcher.kind python runs one process; use deepspeed or torchrun for nproc > 1")
+    only = dict(parse_overrides(args.point)) if args.point else None
+    sweep = plan_sweep(sc, args.set, args.training_free, only)
+    if args.emit_wandb_sweep:
+        write_atomic(Path(args.emit_wandb_sweep), wandb_sweep_yaml(sc, args.config, args.set))
+        _say(f"wrote {args.emit_wandb_sweep}: `wandb sweep {args.emit_wandb_sweep}`, then `wandb agent <id>`")
+        return 0
+    if args.dry_run:
+        print(dry_run(sweep, args.gpu_mem_gib))
+        return 0
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    if only is None:
+        write_atomic(sweep.folder / "sweep.yaml", yaml.safe_dump(sc.model_dump(), sort_keys=False))
+    command = shlex.join(["python", "launch/sweep.py", *(sys.argv[1:] if argv is None else argv)])
+    return execute(sweep, parallel, compare=only is None, command=command)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,18 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
-from configs.schema import ConfigError, RunConfig, load_run_config
+
+from configs.schema import RunConfig, load_run_config
+from models.build import apply_arch
+from models.load import load_config, load_tokenizer
+from utils.cli import UserError, free_port, run_cli
+from utils.files import atomic_dir, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = Path("configs/testbed/base.yaml")  # relative to ROOT; run and model folders are relative to the cwd
@@ -44,7 +47,7 @@ KEY_FILE = "testbed_key.json"
 RUN_KEY_FILE = "testbed_run_key.json"
 
 
-class TestbedError(ValueError):
+class TestbedError(UserError):
     """A testbed that cannot be built; one line naming the problem and the fix."""
 
 
@@ -65,12 +68,6 @@ def _read_key(path: Path) -> str | None:
         return json.loads(path.read_text())["key"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def load_base(overrides: list[str] = ()) -> RunConfig:
@@ -97,7 +94,6 @@ def tokenizer_key(cfg: RunConfig) -> str:
 def ensure_tokenizer(cfg: RunConfig) -> Path:
     """Train the tokenizer into ``cfg.model.tokenizer`` unless its key matches; check it against ``model.arch``."""
     from data.tokenizer_train import build_tokenizer
-    from ropescale.models import load_tokenizer
 
     path, arch = Path(cfg.model.tokenizer), cfg.model.arch
     key = tokenizer_key(cfg)
@@ -106,10 +102,10 @@ def ensure_tokenizer(cfg: RunConfig) -> Path:
     else:
         _log(f"tokenizer: training a {arch['vocab_size']}-token byte-level BPE on the bundled train split -> {path}")
         build_tokenizer(path, arch["vocab_size"])
-        _write_json_atomic(path / KEY_FILE, {"key": key})
-    # ropescale.models.load_tokenizer (which train.py and eval use) opens folders that hold a config.json: the
+        write_json(path / KEY_FILE, {"key": key}, sort_keys=True)
+    # models.load.load_tokenizer (which train.py and eval use) opens folders that hold a config.json: the
     # architecture this tokenizer is made for goes beside it (rewritten each time: model.arch may have changed).
-    _scratch_config(cfg).save_pretrained(path)
+    apply_arch(load_config(cfg.model.name), dict(cfg.model.arch)).save_pretrained(path)
     tok = load_tokenizer(str(path))
     want = {"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id}
@@ -118,15 +114,6 @@ def ensure_tokenizer(cfg: RunConfig) -> Path:
         detail = ", ".join(f"model.arch.{k} is {a} but the tokenizer has {v}" for k, (a, v) in wrong.items())
         raise TestbedError(f"{BASE_CONFIG}: {detail}; make model.arch agree with the tokenizer")
     return path
-
-
-def _scratch_config(cfg: RunConfig):
-    from ropescale.models import load_config
-
-    config = load_config(cfg.model.name)
-    for key, value in cfg.model.arch.items():
-        setattr(config, key, value)
-    return config
 
 
 # ----------------------------------------------------------------------------------------------------- the base
@@ -149,10 +136,8 @@ def base_key(cfg: RunConfig, tokenizer: Path, overrides: list[str] = ()) -> str:
 def deepspeed_launcher(nproc: int) -> list[str]:
     """``deepspeed --num_gpus N --master_port P`` from this venv, P a free port (another job on this machine may hold
     DeepSpeed's default one)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+            str(free_port())]
 
 
 def _train_command(overrides: list[str], nproc: int, resume: bool) -> list[str]:
@@ -172,11 +157,11 @@ def train_base(cfg: RunConfig, overrides: list[str], nproc: int, key: str) -> Pa
     if run.exists() and not resume:
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run / RUN_KEY_FILE, {"key": key})
+    write_json(run / RUN_KEY_FILE, {"key": key}, sort_keys=True)
     cmd = _train_command(overrides, nproc, resume)
     _log(("resuming" if resume else "running") + ": OMP_NUM_THREADS=1 " + " ".join(cmd))
     t0 = time.perf_counter()
-    # Two processes on two cores: one thread each (FIELD_NOTES: oversubscription costs 30x).
+    # Two processes on two cores: one thread each (oversubscribed threads cost 30x, docs/notes.md).
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise TestbedError(f"train.py failed on {BASE_CONFIG} (exit status {done.returncode}); see its output "
@@ -187,16 +172,9 @@ def train_base(cfg: RunConfig, overrides: list[str], nproc: int, key: str) -> Pa
 
 def _publish(merged: Path, model_dir: Path, key: str, info: dict) -> Path:
     """Copy the final merged model to ``model_dir`` (temporary folder + rename); the key file is written last."""
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp-", dir=model_dir.parent))
-    try:
+    with atomic_dir(model_dir) as tmp:
         shutil.copytree(merged, tmp, dirs_exist_ok=True)
-        _write_json_atomic(tmp / KEY_FILE, {"key": key, **info})
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / KEY_FILE, {"key": key, **info}, sort_keys=True)
     return model_dir
 
 
@@ -226,15 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="training processes (deepspeed --num_gpus; 1: plain python)")
     ap.add_argument("--force", action="store_true", help="rebuild the base even when its key matches")
     args = ap.parse_args(argv)
-    if args.nproc < 1:
-        print(f"error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
-        return 2
-    try:
+
+    def run(_) -> None:
+        if args.nproc < 1:
+            raise TestbedError(f"--nproc must be >= 1, got {args.nproc}")
         build(args.set, args.nproc, args.force)
-    except (ConfigError, TestbedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -45,20 +45,11 @@ from transformers import PretrainedConfig
 from ropescale.methods import (
     ROPE_METHODS,
     RopeConfigError,
-    ntk_aware_base,
+    method_from_hf,
     rotary_dim,
     validate_method,
 )
 
-# What transformers' rope_type means in our registry, for configs ropescale did not write.
-_FROM_HF = {"default": "none", "linear": "linear", "dynamic": "dynamic_ntk", "yarn": "yarn", "llama3": "llama3",
-            "longrope": "longrope"}
-# rope_parameters keys that are method parameters (the rest: rope_type, rope_theta, factor, original length, prf).
-_HF_PARAMS = {
-    "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"),
-    "llama3": ("low_freq_factor", "high_freq_factor"),
-    "longrope": ("short_factor", "long_factor", "attention_factor"),
-}
 RECORD = "ropescale"  # the config attribute holding the provenance record
 
 
@@ -107,34 +98,11 @@ def native_rope_parameters(method: str, factor: float, params: dict, original_le
                               "rope_type; use the default ramp='dim' to apply it to a model (inspect shows both)")
     p.pop("ramp", None)
     s, L = float(factor), int(original_len)
-    target = round(L * s)
-    rp: dict[str, Any] = {"rope_theta": float(rope_theta)}
-    if method in ("none", "ntk_aware", "theta"):
-        rp["rope_type"] = "default"
-        if method == "ntk_aware":
-            dim = rotary_dim(head_dim, 1.0 if partial_rotary_factor is None else partial_rotary_factor)
-            rp["rope_theta"] = ntk_aware_base(dim, rope_theta, s, p["alpha"])
-        elif method == "theta":
-            rp["rope_theta"] = float(p["rope_theta"])
-    elif method == "linear":
-        rp.update(rope_type="linear", factor=s)
-    elif method == "dynamic_ntk":
-        rp.update(rope_type="dynamic", factor=s)
-        target = L  # transformers' dynamic scales from max_position_embeddings: it must stay the original length
-    elif method == "ntk_by_parts":
-        rp.update(rope_type="yarn", factor=s, original_max_position_embeddings=L, beta_fast=float(p["beta"]),
-                  beta_slow=float(p["alpha"]), attention_factor=1.0, truncate=p["truncate"])
-    elif method in ("yarn", "dynamic_yarn"):
-        rp.update(rope_type="yarn", factor=s, original_max_position_embeddings=L)
-        rp.update({k: (v if k == "truncate" else float(v)) for k, v in p.items() if v is not None})
-    elif method == "llama3":
-        rp.update(rope_type="llama3", factor=s, original_max_position_embeddings=L,
-                  low_freq_factor=float(p["low_freq_factor"]), high_freq_factor=float(p["high_freq_factor"]))
-    elif method == "longrope":
-        rp.update(rope_type="longrope", factor=s, original_max_position_embeddings=L,
-                  short_factor=[float(x) for x in p["short_factor"]], long_factor=[float(x) for x in p["long_factor"]])
-        if p.get("attention_factor") is not None:
-            rp["attention_factor"] = float(p["attention_factor"])
+    dim = rotary_dim(head_dim, 1.0 if partial_rotary_factor is None else partial_rotary_factor)
+    rp: dict[str, Any] = spec.to_hf(p, s, L, float(rope_theta), dim)
+    if rp["rope_type"] in ("yarn", "llama3", "longrope"):
+        rp["original_max_position_embeddings"] = L  # where transformers reads the original length for these types
+    target = L if spec.keeps_max_position else round(L * s)
     if partial_rotary_factor is not None:
         rp["partial_rotary_factor"] = float(partial_rotary_factor)
     return rp, target
@@ -173,9 +141,11 @@ def rope_of(config: PretrainedConfig) -> dict:
     if getattr(config, RECORD, None) is not None:
         return {**_from_record(config, rp), **common}
     rope_type = common["rope_type"]
-    if rope_type not in _FROM_HF:
-        raise RopeConfigError(f"rope_type '{rope_type}' is not one ropescale knows ({', '.join(_FROM_HF)})")
-    params = {k: rp[k] for k in _HF_PARAMS.get(rope_type, ()) if rp.get(k) is not None}
+    method = method_from_hf(rope_type)
+    if method is None:
+        known = ", ".join(m.hf_type for m in ROPE_METHODS.values() if m.hf_type)
+        raise RopeConfigError(f"rope_type '{rope_type}' is not one ropescale knows ({known})")
+    params = {k: rp[k] for k in ROPE_METHODS[method].hf_params if rp.get(k) is not None}
     if rope_type == "default":
         L, factor = config.max_position_embeddings, 1.0
     elif rope_type == "linear":
@@ -185,7 +155,7 @@ def rope_of(config: PretrainedConfig) -> dict:
     else:
         L = rp.get("original_max_position_embeddings", config.max_position_embeddings)
         factor = float(rp.get("factor") or config.max_position_embeddings / L)
-    return {"method": _FROM_HF[rope_type], "factor": factor, "params": params, "original_max_position_embeddings": L,
+    return {"method": method, "factor": factor, "params": params, "original_max_position_embeddings": L,
             "rope_theta": float(rp["rope_theta"]), "source": "rope_parameters", **common}
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from ropescale.apply import head_dim_of, original_context, partial_rotary_factor_of, rope_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError, rotary_dim, validate_method
+from utils.files import save_figure
 
 _TOL = 1e-6  # relative: float32 frequencies carry ~1e-7
 
@@ -145,17 +145,11 @@ def plot(path: str | Path, head_dim: int, base: float, original_len: int, method
     for ax in (ax1, ax2, ax3):
         ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
-
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.png", dir=path.parent or ".")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        save_figure(fig, path, tight=False)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -171,10 +165,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default=None, help='method parameters as JSON, e.g. \'{"beta_fast": 16}\'')
     p.add_argument("--json", action="store_true", help="print the table as one line of JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw the comparison page to this PNG file")
+    width = max(map(len, ROPE_METHODS))
+    p.epilog = "methods (YaRN paper sections in brackets):\n" + "\n".join(
+        f"  {name:<{width}}  {m.summary}" for name, m in ROPE_METHODS.items())
 
 
-def _resolve(a: argparse.Namespace) -> dict:
-    """The rope_table arguments from the command line (and the model's config)."""
+def _resolve(a: argparse.Namespace, config) -> dict:
+    """The rope_table arguments from the command line (and ``config``, the config of ``--model``)."""
     params = {}
     if a.params is not None:
         try:
@@ -184,10 +181,6 @@ def _resolve(a: argparse.Namespace) -> dict:
     if a.model:
         if a.head_dim is not None or a.base is not None:
             raise RopeConfigError("give either --model or --head-dim/--base/--original, not both")
-        from ropescale.apply import head_dim_of, original_context, partial_rotary_factor_of, rope_of
-        from ropescale.models import load_config
-
-        config = load_config(a.model)
         cur = rope_of(config)
         if (a.method is None) != (a.factor is None):
             raise RopeConfigError("give --method and --factor together (or neither, to inspect the model's own)")
@@ -208,8 +201,10 @@ def _resolve(a: argparse.Namespace) -> dict:
                 params=params, partial_rotary_factor=a.partial_rotary_factor or 1.0)
 
 
-def run(a: argparse.Namespace) -> int:
-    kw = _resolve(a)
+def run(a: argparse.Namespace, config=None) -> int:
+    """The command: ``a`` from ``add_arguments``; ``config``: the loaded config of ``a.model`` (the entry point
+    ``python -m ropescale`` loads it, so that this module needs no model loading)."""
+    kw = _resolve(a, config)
     table = rope_table(**kw)
     if a.plot:
         if not Path(a.plot).parent.is_dir():

@@ -32,10 +32,12 @@ from typing import Any
 
 import torch
 
+from utils.cli import UserError
+
 Params = Mapping[str, Any]
 
 
-class RopeConfigError(ValueError):
+class RopeConfigError(UserError):
     """A RoPE method, factor, parameter or config that cannot be used; the one-line message says what and how to fix."""
 
 
@@ -308,57 +310,121 @@ def _check_theta(factor: float, params: Params, rotary_dim: int | None) -> None:
     _positive(params, "rope_theta")
 
 
+# --- how each method is written into, and read back from, transformers' config.rope_parameters -----------------
+# A writer gets the method's parameters with defaults filled (``p``), s, L, the unscaled base and |D|, and returns
+# the rope_parameters transformers needs to compute that method natively (ropescale.apply adds what every method
+# shares: original_max_position_embeddings where transformers reads it, partial_rotary_factor).
+
+
+def _hf_default(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    return {"rope_type": "default", "rope_theta": base}
+
+
+def _hf_linear(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    return {"rope_type": "linear", "rope_theta": base, "factor": s}
+
+
+def _hf_ntk_aware(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    return {"rope_type": "default", "rope_theta": ntk_aware_base(dim, base, s, p["alpha"])}
+
+
+def _hf_dynamic_ntk(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    return {"rope_type": "dynamic", "rope_theta": base, "factor": s}
+
+
+def _hf_by_parts(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    # transformers' yarn type with the temperature switched off is NTK-by-parts (beta_fast = beta, beta_slow = alpha).
+    return {"rope_type": "yarn", "rope_theta": base, "factor": s, "beta_fast": float(p["beta"]),
+            "beta_slow": float(p["alpha"]), "attention_factor": 1.0, "truncate": p["truncate"]}
+
+
+def _hf_yarn(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    return {"rope_type": "yarn", "rope_theta": base, "factor": s,
+            **{k: (v if k == "truncate" else float(v)) for k, v in p.items() if v is not None}}
+
+
+def _hf_llama3(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    return {"rope_type": "llama3", "rope_theta": base, "factor": s, "low_freq_factor": float(p["low_freq_factor"]),
+            "high_freq_factor": float(p["high_freq_factor"])}
+
+
+def _hf_longrope(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    rp = {"rope_type": "longrope", "rope_theta": base, "factor": s,
+          "short_factor": [float(x) for x in p["short_factor"]], "long_factor": [float(x) for x in p["long_factor"]]}
+    if p.get("attention_factor") is not None:
+        rp["attention_factor"] = float(p["attention_factor"])
+    return rp
+
+
+def _hf_theta(p: Params, s: float, L: int, base: float, dim: int) -> dict:
+    return {"rope_type": "default", "rope_theta": float(p["rope_theta"])}
+
+
 @dataclass(frozen=True)
 class RopeMethod:
-    """One registry entry. ``fn``: the method (module docstring); ``validate(factor, params, rotary_dim)``: its own
-    checks, run by ``validate_method`` after the generic ones; ``params``: accepted parameter names (``required``
-    among them); ``defaults``: values used when a parameter is left out; ``dynamic``: recomputed from the current
-    sequence length; ``hf_native``: how ``ropescale.apply.apply_rope`` writes it into ``config.rope_parameters``."""
+    """One registry entry: everything about a method.
+
+    ``fn``: the math (module docstring); ``validate(factor, params, rotary_dim)``: its own checks, run by
+    ``validate_method`` after the generic ones; ``summary``: one line for help texts; ``params``: accepted parameter
+    names (``required`` among them); ``defaults``: values used when a parameter is left out (and written out into
+    saved configs); ``to_hf``: its ``rope_parameters`` (see the writers above); ``keeps_max_position``:
+    ``max_position_embeddings`` stays L instead of L*s (transformers' dynamic type reads it as the original length);
+    ``hf_type``/``hf_params``: for a config ropescale did not write, the transformers ``rope_type`` read back as this
+    method and the ``rope_parameters`` keys read back as its parameters (several methods write ``default`` or
+    ``yarn``; only one of each is read back, the others are told apart by ropescale's provenance record).
+    """
 
     fn: Callable[..., tuple[torch.Tensor, float]]
     validate: Callable[[float, Params, int | None], None]
-    hf_native: str
+    to_hf: Callable[[Params, float, int, float, int], dict]
     summary: str
     params: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    dynamic: bool = False
+    keeps_max_position: bool = False
+    hf_type: str | None = None
+    hf_params: tuple[str, ...] = ()
 
 
 _YARN_PARAMS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate", "ramp")
 
 ROPE_METHODS: dict[str, RopeMethod] = {
-    "none": RopeMethod(none, _no_check, "rope_type 'default'", "plain RoPE (extrapolation beyond L)"),
-    "linear": RopeMethod(linear, _no_check, "rope_type 'linear'", "Position Interpolation: positions m/s (3.1)"),
+    "none": RopeMethod(none, _no_check, _hf_default, "plain RoPE (extrapolation beyond L)", hf_type="default"),
+    "linear": RopeMethod(linear, _no_check, _hf_linear, "Position Interpolation: positions m/s (3.1)",
+                         hf_type="linear"),
     "ntk_aware": RopeMethod(
-        ntk_aware, _check_ntk_aware, "rope_type 'default' with the new rope_theta",
-        "NTK-aware: base * (alpha s)^(d/(d-2)) (3.1)", params=("alpha",), defaults=NTK_AWARE_DEFAULTS),
+        ntk_aware, _check_ntk_aware, _hf_ntk_aware, "NTK-aware: base * (alpha s)^(d/(d-2)) (3.1)", params=("alpha",),
+        defaults=NTK_AWARE_DEFAULTS),
     "dynamic_ntk": RopeMethod(
-        dynamic_ntk, _no_check, "rope_type 'dynamic' (max_position_embeddings stays L)",
-        "NTK-aware recomputed from the current length (3.3)", dynamic=True),
+        dynamic_ntk, _no_check, _hf_dynamic_ntk, "NTK-aware recomputed from the current length (3.3)",
+        keeps_max_position=True, hf_type="dynamic"),
     "ntk_by_parts": RopeMethod(
-        ntk_by_parts, _check_by_parts, "rope_type 'yarn' with attention_factor 1.0",
-        "keep r > beta, divide r < alpha by s, ramp between (3.2)", params=("alpha", "beta", "truncate", "ramp"),
-        defaults=BY_PARTS_DEFAULTS),
+        ntk_by_parts, _check_by_parts, _hf_by_parts, "keep r > beta, divide r < alpha by s, ramp between (3.2)",
+        params=("alpha", "beta", "truncate", "ramp"), defaults=BY_PARTS_DEFAULTS),
     "yarn": RopeMethod(
-        yarn, _check_yarn, "rope_type 'yarn'", "NTK-by-parts + attention scale 0.1 ln s + 1 (3.4)",
-        params=_YARN_PARAMS, defaults=YARN_DEFAULTS),
+        yarn, _check_yarn, _hf_yarn, "NTK-by-parts + attention scale 0.1 ln s + 1 (3.4)", params=_YARN_PARAMS,
+        defaults=YARN_DEFAULTS, hf_type="yarn", hf_params=tuple(k for k in _YARN_PARAMS if k != "ramp")),
+    # Written as static YaRN at the target factor (a plain reload runs that); ropescale.runtime makes it dynamic.
     "dynamic_yarn": RopeMethod(
-        dynamic_yarn, _check_yarn,
-        "rope_type 'yarn' at the target factor (a plain reload is static YaRN); ropescale.runtime makes it dynamic",
-        "YaRN with s = max(1, n/L) at the current length n (3.3)",
-        params=tuple(k for k in _YARN_PARAMS if k != "attention_factor"), defaults=YARN_DEFAULTS, dynamic=True),
+        dynamic_yarn, _check_yarn, _hf_yarn, "YaRN with s = max(1, n/L) at the current length n (3.3)",
+        params=tuple(k for k in _YARN_PARAMS if k != "attention_factor"), defaults=YARN_DEFAULTS),
     "llama3": RopeMethod(
-        llama3, _check_llama3, "rope_type 'llama3'", "Llama 3.1: by-parts ramp on r between low/high freq factors",
-        params=("low_freq_factor", "high_freq_factor"), defaults=LLAMA3_DEFAULTS),
+        llama3, _check_llama3, _hf_llama3, "Llama 3.1: by-parts ramp on r between low/high freq factors",
+        params=("low_freq_factor", "high_freq_factor"), defaults=LLAMA3_DEFAULTS, hf_type="llama3",
+        hf_params=("low_freq_factor", "high_freq_factor")),
     "longrope": RopeMethod(
-        longrope, _check_longrope, "rope_type 'longrope'", "per-dimension short/long factors (LongRoPE)",
+        longrope, _check_longrope, _hf_longrope, "per-dimension short/long factors (LongRoPE)",
         params=("short_factor", "long_factor", "attention_factor"), required=("short_factor", "long_factor"),
-        dynamic=True),
+        hf_type="longrope", hf_params=("short_factor", "long_factor", "attention_factor")),
     "theta": RopeMethod(
-        theta, _check_theta, "rope_type 'default' with the new rope_theta", "an explicit new base (Code Llama: 1e6)",
-        params=("rope_theta",), required=("rope_theta",)),
+        theta, _check_theta, _hf_theta, "an explicit new base (Code Llama: 1e6)", params=("rope_theta",),
+        required=("rope_theta",)),
 }
+
+
+def method_from_hf(rope_type: str) -> str | None:
+    """The registry method a transformers ``rope_type`` is read back as (None: not one ropescale knows)."""
+    return next((name for name, m in ROPE_METHODS.items() if m.hf_type == rope_type), None)
 
 
 def _suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:

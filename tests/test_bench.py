@@ -60,3 +60,41 @@ def test_max_seq_len_search_and_cap(tmp_path):
     assert r["longest"] == {"trainer": None, "ours": None}
     assert r["probes"] and all(not p["fits"] and p["why"].startswith("killed") and p["polled_peak_gib"] >= 0.1
                                for p in r["probes"])
+
+
+BENCH_STEP = """
+import json, sys
+import torch
+from bench.train_paths import ours_steps
+from configs.schema import load_run_config
+from data.loader import PackedLoader
+from data.pack import build_packed
+from training.model import tokenizer_of
+
+cfg = load_run_config("configs/cpu_tiny.yaml", sys.argv[1:])
+loader = PackedLoader(build_packed(cfg.data, tokenizer_of(cfg)), batch_size=cfg.train.micro_batch_size, rank=0,
+                      world_size=1, seed=cfg.train.seed)
+batches = iter(loader)
+first_two = [next(batches), next(batches)]  # the recipe's first two batches
+print(json.dumps([s["loss"] for s in ours_steps(cfg, "fp32", first_two, torch.device("cpu"))["steps"]]))
+"""
+
+
+def test_the_bench_step_is_the_recipe_step(tmp_path):
+    """The bench's "ours" path and train.py on the same two batches: the same two losses (the first checks the
+    model, its RoPE scaling and the loss; the second the optimizer step: LoRA, trainable extras, AdamW, the LR
+    schedule). Both are built from the same public functions of training/."""
+    sets = [f"output.dir={tmp_path / 'run'}", "train.max_steps=2", "train.precision=fp32", "wandb.enabled=false",
+            "eval=null"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    run = subprocess.run([sys.executable, "train.py", "--config", "configs/cpu_tiny.yaml",
+                          *(a for s in sets for a in ("--set", s))], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    recipe = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    bench = subprocess.run([sys.executable, "-c", BENCH_STEP, *sets], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    losses = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert len(recipe) == 2 and recipe[0] != recipe[1]
+    assert losses == pytest.approx(recipe, rel=1e-6, abs=1e-6)

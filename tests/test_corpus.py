@@ -7,7 +7,7 @@ import pytest
 
 from data import build_corpus
 from data.corpus import CORPUS_DIR, load_corpus, manifest
-from ropescale.models import SMOLLM2, load_tokenizer
+from models.load import SMOLLM2, load_tokenizer
 
 
 def test_manifest_matches_files_and_splits_are_disjoint():

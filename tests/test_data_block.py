@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from data.loader import forward_kwargs
 from data.pack import IGNORE_INDEX, lay_stream, pose_positions, row_labels_positions
-from ropescale.models import load_model, load_tokenizer
+from models.load import load_model, load_tokenizer
 
 TEXTS = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune.",

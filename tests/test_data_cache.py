@@ -7,7 +7,7 @@ import pytest
 import data.pack
 from data.config import DataConfig, DataError, SourceSpec
 from data.pack import build_packed
-from ropescale.models import load_tokenizer
+from models.load import load_tokenizer
 
 TEXT = ("Anne Elliot had been a very pretty girl, but her bloom had vanished early; and as even in its height, her "
         "father had found little to admire in her. ") * 20
@@ -76,19 +76,19 @@ def test_changed_data_or_tokenizer_retokenizes(setup, tokenize_calls):
 
 def test_failed_packing_leaves_nothing(setup, monkeypatch):
     cfg, tok, _ = setup
-    real = data.pack.save_json
+    real = data.pack.write_json
 
-    def fail_on_rows_meta(obj, path):
+    def fail_on_rows_meta(path, obj, **kw):
         if "rows" in str(path) and str(path).endswith("meta.json"):
             raise OSError("disk full (injected after the rows were written)")
-        real(obj, path)
+        real(path, obj, **kw)
 
-    monkeypatch.setattr(data.pack, "save_json", fail_on_rows_meta)
+    monkeypatch.setattr(data.pack, "write_json", fail_on_rows_meta)
     with pytest.raises(OSError, match="injected"):
         build_packed(cfg, tok)
     root = data.pack.cache_root(cfg)
     assert list((root / "rows").iterdir()) == []  # no final folder, no temporary one
-    monkeypatch.setattr(data.pack, "save_json", real)
+    monkeypatch.setattr(data.pack, "write_json", real)
     assert len(build_packed(cfg, tok)) > 0  # and the next build completes
 
 

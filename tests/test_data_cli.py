@@ -1,4 +1,4 @@
-"""``python -m data.pack``: the bundled corpus with SmolLM2's tokenizer at 8,192, and a bad source's error line."""
+"""``python -m data pack``: the bundled corpus with SmolLM2's tokenizer at 8,192, and a bad source's error line."""
 
 import json
 import os
@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from data.pack import main, parse_source
+from data.__main__ import main
+from data.pack import parse_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pack(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "data.pack", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "data", "pack", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -48,11 +49,11 @@ def _stats_of(stdout: str) -> str:
 
 
 def test_bad_source_exits_with_one_error_line(tmp_path, capsys):
-    code = main(["--model", "tiny-llama", "--source", f"files:{tmp_path / 'missing.jsonl'}", "--cache-dir",
+    code = main(["pack", "--model", "tiny-llama", "--source", f"files:{tmp_path / 'missing.jsonl'}", "--cache-dir",
                  str(tmp_path / "c")])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: file not found: {tmp_path / 'missing.jsonl'}"
-    assert main(["--model", "tiny-llama", "--mode", "pose", "--seq-len", "64"]) == 2
+    assert main(["pack", "--model", "tiny-llama", "--mode", "pose", "--seq-len", "64"]) == 2
     assert capsys.readouterr().err.strip() == "error: mode pose needs pose_target_len > seq_len (64), got None"
 
 

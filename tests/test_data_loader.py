@@ -14,7 +14,7 @@ from data.config import DataConfig, DataError, SourceSpec
 from data.corpus import load_corpus
 from data.loader import PackedLoader
 from data.pack import build_packed
-from ropescale.models import load_tokenizer
+from models.load import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_resume_in_a_new_process(cfg, ds, tmp_path):
     script = (
         "import json, sys, torch\n"
         "from data.config import DataConfig\nfrom data.loader import PackedLoader\nfrom data.pack import build_packed\n"
-        "from ropescale.models import load_tokenizer\n"
+        "from models.load import load_tokenizer\n"
         f"cfg = DataConfig.model_validate_json({cfg.model_dump_json()!r})\n"
         "ds = build_packed(cfg, load_tokenizer('tiny-llama'))\n"
         f"loader = PackedLoader(ds, {batch}, seed=5)\n"

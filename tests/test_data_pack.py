@@ -14,7 +14,7 @@ from data.config import DataConfig, SourceSpec
 from data.corpus import load_corpus
 from data.pack import IGNORE_INDEX, build_packed, pose_positions
 from data.stats import length_histogram
-from ropescale.models import load_tokenizer
+from models.load import load_tokenizer
 
 
 def paragraph_documents(n_docs: int = 150, seed: int = 0) -> list[str]:

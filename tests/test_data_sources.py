@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from data.config import DataConfig, DataError, SourceSpec
 from data.pack import build_packed
 from data.sources import decode_utf8, read_source
-from ropescale.models import load_tokenizer
+from models.load import load_tokenizer
 
 TEXTS = ["Catherine Morland had been a happy child.", "Mr. Woodhouse was fond of society.",
          "The Musgroves came back to receive their happy boys and girls from school."]

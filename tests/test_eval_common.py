@@ -5,10 +5,11 @@ import argparse
 import pytest
 import yaml
 
-from eval.common import EvalError, add_model_args, load_eval_model, locate, model_variants, run_cli
+from eval.common import EvalError, add_model_args, load_eval_model, locate, model_variants
+from utils.cli import run_cli
 from eval.perplexity import main as perplexity_main
 from ropescale.apply import apply_rope, rope_of
-from ropescale.models import load_config, load_model, tiny_tokenizer
+from models.load import load_config, load_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

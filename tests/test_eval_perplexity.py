@@ -19,7 +19,7 @@ from eval.perplexity import (
     plan_windows,
 )
 from ropescale.apply import apply_rope
-from ropescale.models import load_config, load_model, tiny_tokenizer
+from models.load import load_config, load_model, tiny_tokenizer
 
 EOS = 257  # the tiny byte-level tokenizer's </s>
 
@@ -176,7 +176,7 @@ def test_cli_writes_files_and_json_last_line(tmp_path):
 
 
 def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
-    from eval.common import run_cli
+    from utils.cli import run_cli
 
     assert run_cli(main, ["--model", "tiny-llama", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

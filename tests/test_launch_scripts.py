@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from deepspeed.launcher.runner import fetch_hostfile
-from launch.sweep import free_port
+from utils.cli import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "launch/slurm_deepspeed.sbatch", ROOT / "launch/torchrun.sh"]

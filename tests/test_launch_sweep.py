@@ -64,7 +64,7 @@ def test_run_names():
 @pytest.mark.parametrize("text,sets,message", [
     ("grid: {rope.method: []}", [], "grid: 'rope.method' has no values"),
     ("grid: {rope.factor: [2, 2]}", [], "lists a value twice"),
-    ("grid: {rope.factor: [2]}\nbogus: 1", [], "bogus: Extra inputs are not permitted"),
+    ("grid: {rope.factor: [2]}\nbogus: 1", [], "unknown sweep key 'bogus'; valid keys: "),
     ("grid: {rope.factor: [2]}", ["rope.factor=3"], "'rope.factor' is both a grid key and an override"),
     ("grid: {rope.factr: [2]}", [], "unknown config key 'rope.factr'; did you mean 'rope.factor'?"),
     ("grid: {rope.factor: [0.5]}", [], "run factor-0.5: rope"),

@@ -1,18 +1,18 @@
-"""ropescale.loss: the chunked causal-LM loss equals plain full-logits cross-entropy, in value and gradients."""
+"""models.loss: the chunked causal-LM loss equals plain full-logits cross-entropy, in value and gradients."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from ropescale.loss import (
+from models.loss import (
     IGNORE_INDEX,
     causal_lm_loss,
     causal_lm_parts,
     chunked_causal_lm_loss,
     final_hidden_states,
 )
-from ropescale.models import TINY_PRESETS, load_model
+from models.load import TINY_PRESETS, load_model
 
 
 def _plain_loss(hidden, weight, labels):

@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, GPT2Config, LlamaConfig
 
 from data.corpus import load_corpus
-from ropescale.models import (
+from models.load import (
     SMOLLM2,
     TINY_PRESETS,
     ModelLoadError,
@@ -93,7 +93,7 @@ def test_smollm2_is_a_real_pretrained_model():
     cfg = load_config(SMOLLM2)
     assert (cfg.model_type, cfg.head_dim, cfg.max_position_embeddings) == ("llama", 64, 8192)
     assert cfg.rope_parameters["rope_theta"] == 1e5
-    assert not hasattr(cfg, "quantization_config")  # GGUF's quantization marker is dropped (FIELD_NOTES)
+    assert not hasattr(cfg, "quantization_config")  # GGUF's quantization marker is dropped (docs/notes.md)
     tok = load_tokenizer(SMOLLM2)
     text = load_corpus("heldout")[0].text
     ids = tok(text[20_000:60_000], return_tensors="pt").input_ids[:, :1024]

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from data.corpus import load_corpus
 from ropescale.apply import apply_rope, original_context, rope_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError
-from ropescale.models import TINY_PRESETS, load_config, load_model, tiny_tokenizer
+from models.load import TINY_PRESETS, load_config, load_model, tiny_tokenizer
 from ropescale.runtime import enable_dynamic_yarn
 
 L = 256  # the presets' native context

@@ -14,7 +14,7 @@ from ropescale.__main__ import main
 from ropescale.apply import apply_rope
 from ropescale.inspect import format_table, rope_table
 from ropescale.methods import ROPE_METHODS
-from ropescale.models import load_config
+from models.load import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,6 +13,7 @@ import yaml
 from transformers import AutoTokenizer
 
 import eval.passkey as passkey
+from data import prompts
 from configs.schema import load_run_config
 from data.config import DataConfig, DataError, SourceSpec
 from data.corpus import load_corpus
@@ -22,7 +23,7 @@ from data.synthetic import copy_sample, fingerprint, generate, passkey_document,
 from data.tokenizer_train import DIGITS, build_tokenizer, train_bpe
 from launch import testbed
 from launch.demo import eval_jobs
-from ropescale.models import load_model, load_tokenizer
+from models.load import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTBED = ROOT / "configs" / "testbed"
@@ -70,11 +71,11 @@ def test_a_vocabulary_below_the_byte_alphabet_is_refused(small_texts):
 @pytest.mark.parametrize("before,after", [(0, 0), (0, 3), (2, 1), (5, 0)])
 def test_passkey_document_is_the_eval_prompt_with_the_key_where_asked(before, after):
     text = passkey_document("48213", before, after)
-    prompt = passkey.prompt_text("48213", before, after)
+    prompt = prompts.prompt_text("48213", before, after)
     assert text == f"{prompt} 48213."  # the evaluation's wording, followed by the answer
-    head, tail = text.split(passkey.KEY_LINE.format(key="48213"))
-    assert head.count(passkey.FILLER) == before and tail.count(passkey.FILLER) == after
-    assert tail.rstrip().endswith(f"{passkey.QUESTION} 48213.")
+    head, tail = text.split(prompts.KEY_LINE.format(key="48213"))
+    assert head.count(prompts.FILLER) == before and tail.count(prompts.FILLER) == after
+    assert tail.rstrip().endswith(f"{prompts.QUESTION} 48213.")
 
 
 def test_passkey_samples_are_reproducible_and_cover_every_depth():
@@ -120,7 +121,7 @@ def test_the_cache_key_follows_the_prompt_wording(monkeypatch):
     spec = SourceSpec(kind="synthetic", name="passkey", max_docs=1)
     before = source_fingerprint(spec)
     assert before == [fingerprint("passkey")] and before != [fingerprint("copy")]
-    monkeypatch.setattr(passkey, "FILLER", "The grass is blue.")
+    monkeypatch.setattr(prompts, "FILLER", "The grass is blue.")
     assert source_fingerprint(spec) != before
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch.sweep import free_port
+from utils.cli import free_port
 from tests.helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_merged_export_reloads_in_plain_transformers_with_the_scaling(tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig
 
-    from ropescale.models import load_model
+    from models.load import load_model
 
     run = tmp_path / "export"
     _train(run)
@@ -234,15 +234,11 @@ def test_run_folder_is_protected_and_resume_checks_the_config(tmp_path):
     (("deepspeed.config=configs/deepspeed/zero9.json",), "zero9.json not found"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, capsys, sets, message):
-    """In-process: every refusal happens before DeepSpeed starts and before the run folder is written."""
-    import train
-
+    """Every refusal happens before DeepSpeed starts and before the run folder is written."""
     run = tmp_path / "bad"
-    argv = ["--config", str(ROOT / "configs/cpu_tiny.yaml"), "--set", f"output.dir={run}"]
-    for s in sets:
-        argv += ["--set", s]
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    proc = subprocess.run(_cmd(run, *sets), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not run.exists()
 
@@ -252,16 +248,16 @@ def _attention_calls_in_backward(keep: bool) -> tuple[int, dict[str, torch.Tenso
     count the fused attention kernels the backward runs; returns (count, LoRA/extra gradients, layers)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import train
     from configs.schema import load_run_config
+    from training.model import LossModule, attention_ops, model_config, trainable_model
 
     cfg = load_run_config(ROOT / "configs/cpu_tiny.yaml", [f"train.checkpoint_keep_attention={str(keep).lower()}"])
     torch.manual_seed(0)  # the same LoRA initialization and dropout masks in both builds
-    model = train._build_model(cfg, train._model_config(cfg), "fp32", "sdpa")
-    module = train._LossModule(model, cfg.train.loss_chunk_size, None, block_cross_doc=False).train()
+    model = trainable_model(cfg, model_config(cfg), "fp32", "sdpa")
+    module = LossModule.of(cfg, model, "fp32").train()
     ids = torch.randint(0, 260, (1, 512), generator=torch.Generator().manual_seed(0))
-    loss, _ = module(ids, ids, torch.arange(512)[None])
-    kernels = set(train.attention_ops())
+    loss = module(ids, ids, torch.arange(512)[None])
+    kernels = set(attention_ops())
 
     class Count(TorchDispatchMode):
         calls = 0

@@ -41,7 +41,7 @@ def machine() -> dict:
     """What a figure was measured on: CPU model, cores, GPU, library versions, date, load average."""
     import transformers
 
-    from train import cpu_bf16_units
+    from training.runtime import cpu_bf16_units
 
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):

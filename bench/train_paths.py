@@ -1,21 +1,22 @@
 """The training paths that bench/train_throughput.py and bench/max_seq_len.py compare, and the worker that runs one.
 
-    python bench/_training.py --variant ours --model tiny-llama --lengths 256,512 --threads 1   # one worker, JSON out
+    python bench/train_paths.py --variant ours --model tiny-llama --lengths 256,512 --threads 1   # one worker, JSON out
 
 Variants (``VARIANTS``):
 
-- ``ours*``: train.py's own training step, built by train.py's own functions from a run config
-  (``_model_config``, ``_build_model``, ``_LossModule``, ``_ds_config``, ``_build_engine``): LoRA + trainable
-  extras, non-reentrant gradient checkpointing, the chunked loss, the DeepSpeed engine of the config (ZeRO-2 for the
-  three models here), ``engine(batch)`` / ``engine.backward`` / ``engine.step``. ``ours`` is the default precision
+- ``ours*``: train.py's own training step, built by the public functions the recipe calls (``training.runtime``
+  ``choose_precision`` / ``attn_implementation`` / ``init_distributed``, ``training.model.model_config``,
+  ``training.engine.ds_config`` / ``trainable_engine`` / ``optimizer_step``): LoRA + trainable extras,
+  non-reentrant gradient checkpointing, the chunked loss, the DeepSpeed engine of the config (ZeRO-2 for the three
+  models here), one optimizer step of ``engine(batch)`` / ``engine.backward`` / ``engine.step``. ``ours`` is the default precision
   (``train.precision: auto``); ``ours-zero2x2`` is the same with two processes (one row each, data parallel).
 - ``trainer*``: what a user would run instead: transformers ``Trainer`` + a peft ``LoraConfig`` with the same
-  r / alpha / targets (``train.lora_config``) and the same trainable extras, ``activation_checkpointing=True``
+  r / alpha / targets (``training.model.lora_config``) and the same trainable extras, ``activation_checkpointing=True``
   (formerly ``gradient_checkpointing``), one sequence per step, the model's own loss from ``labels`` (full logits),
-  the same model with the same RoPE scaling (``train._model_config``) and attention kernel. ``trainer`` is the
+  the same model with the same RoPE scaling (``training.model.model_config``) and attention kernel. ``trainer`` is the
   Trainer's default fp32, ``trainer-bf16`` adds ``bf16=True`` (autocast over fp32 weights).
 
-Both get the same tokens: the first tokens of the bundled train split (``bench/_common.corpus_tokens``), one row per
+Both get the same tokens: the first tokens of the bundled train split (``bench/common.corpus_tokens``), one row per
 step, positions 0..L-1, all-ones attention mask (plain causal attention). The worker runs its rows in the order given
 (a short warm-up row first: first-call allocations, kernel selection and the optimizer's states are created there)
 and measures each optimizer step: wall time, and the peak RSS during the step (VmHWM reset before it).
@@ -37,8 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
-from launch.sweep import free_port  # noqa: E402
+from bench.common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
+from eval.common import EvalError, parse_int_list  # noqa: E402
+from models.build import build_model  # noqa: E402
+from models.load import load_tokenizer  # noqa: E402
+from ropescale.apply import head_dim_of  # noqa: E402
+from training.engine import ds_config, optimizer_step, trainable_engine  # noqa: E402
+from training.model import extra_param_names, lora_config, model_config  # noqa: E402
+from training.runtime import attn_implementation, choose_precision, device, init_distributed  # noqa: E402
+from utils.cli import free_port  # noqa: E402
 
 
 class Variant(NamedTuple):
@@ -101,10 +109,10 @@ def run_config(model: str):
 def parse_lengths(text: str) -> list[int]:
     """``--lengths``: comma-separated token counts."""
     try:
-        lengths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"error: --lengths expects comma-separated integers, e.g. 2048,4096, got '{text}'") from None
-    if not lengths or min(lengths) < 2:
+        lengths = parse_int_list(text, "--lengths")
+    except EvalError as e:
+        raise SystemExit(f"error: {e}") from None
+    if min(lengths) < 2:
         raise SystemExit(f"error: --lengths needs lengths of at least 2 tokens, got '{text}'")
     return lengths
 
@@ -139,8 +147,8 @@ def launch(variant: str, model: str, lengths: list[int], warmup_len: int, thread
     per_proc = max(1, threads // v.procs)
     base_env = {k: x for k, x in os.environ.items()
                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    # OMP_NUM_THREADS per process: oversubscribed threads cost 30x on a few cores (FIELD_NOTES); with it set,
-    # train._init_distributed leaves the thread count alone.
+    # OMP_NUM_THREADS per process: oversubscribed threads cost 30x on a few cores (docs/notes.md); with it set,
+    # training.runtime.init_distributed leaves the thread count alone.
     base_env["OMP_NUM_THREADS"] = str(per_proc)
     port = str(free_port())
     cmds, envs = [], []
@@ -212,68 +220,60 @@ def _model_info(model) -> dict:
     embed, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
     if embed is not head:
         n -= embed.numel()
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {"n_params_flops": n, "n_layers": cfg.num_hidden_layers, "attn_dim": heads * head_dim,
+    return {"n_params_flops": n, "n_layers": cfg.num_hidden_layers, "attn_dim": cfg.num_attention_heads * head_dim_of(cfg),
             "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def _run_ours(cfg, precision: str, rows: list[torch.Tensor], device: torch.device) -> dict:
-    """train.py's setup and step, on ``rows`` in order (train() runs the same calls; its per-step bookkeeping,
-    logging and checkpointing are left out)."""
-    import train
-
-    precision, why = train._choose_precision(precision, device)
-    attn = train._attn_implementation(cfg.model.attn_implementation, device)
-    model_config = train._model_config(cfg)
-    ds_config = train._ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world = train._init_distributed(device)
+def ours_steps(cfg, precision: str, batches: list[dict], dev: torch.device) -> dict:
+    """The recipe's setup and optimizer step (the same public functions train.py's ``Recipe`` calls, in the same
+    order; its bookkeeping, logging and checkpointing are left out), one step per batch of ``batches`` (dicts of
+    input_ids, labels, position_ids ``[B, L]``), each timed."""
+    precision, why = choose_precision(precision, dev)
+    attn = attn_implementation(cfg.model.attn_implementation, dev)
+    config = model_config(cfg)
+    ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world = init_distributed(dev)
     try:
-        torch.manual_seed(cfg.train.seed)
-        model = train._build_model(cfg, model_config, precision, attn)
-        module = train._LossModule(model, cfg.train.loss_chunk_size,
-                                   torch.bfloat16 if precision == "bf16" else None, cfg.data.block_cross_doc)
-        engine, _ = train._build_engine(cfg, ds_config, module, len(rows))
+        module, engine = trainable_engine(cfg, config, precision, attn, ds, len(batches))
         engine.train()
         load_peak = status_mib("VmHWM")
-        meter, steps = _StepMeter(device), []
-        for ids in rows:
-            ids = ids[None].to(device)
-            positions = torch.arange(ids.shape[1], device=device)[None]
+        meter, steps = _StepMeter(dev), []
+        for batch in batches:
             torch.distributed.barrier()  # ranks start each timed step together
             meter.start()
-            loss, _ = engine(ids, ids, positions)
-            engine.backward(loss)
-            engine.step()
+            loss = optimizer_step(engine, iter([batch]), 1, dev)
             steps.append({**meter.stop(), "loss": loss.item()})
-        info = _model_info(model)
+        info = _model_info(module.model)
     finally:
         torch.distributed.destroy_process_group()  # gloo aborts the process otherwise
     return {"precision": precision, "precision_reason": why, "attn": attn, "rank": rank, "world": world,
             "load_peak_rss_mib": load_peak, "steps": steps, **info}
 
 
-def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], device: torch.device) -> dict:
+def _run_ours(cfg, precision: str, rows: list[torch.Tensor], dev: torch.device) -> dict:
+    """``ours_steps`` on ``rows`` in order: one row per step, positions 0..L-1, labels = inputs."""
+    batches = [{"input_ids": r[None], "labels": r[None], "position_ids": torch.arange(len(r))[None]} for r in rows]
+    return ours_steps(cfg, precision, batches, dev)
+
+
+def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], dev: torch.device) -> dict:
     """transformers Trainer + peft on ``rows`` in order, one optimizer step each, timed by a callback."""
     from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    import train
-    from ropescale.models import load_model
-
-    attn = train._attn_implementation(cfg.model.attn_implementation, device)
-    model = load_model(cfg.model.name, config=train._model_config(cfg), dtype=torch.float32,
-                       attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code,
-                       seed=cfg.train.seed, scratch=cfg.model.init == "scratch")
+    attn = attn_implementation(cfg.model.attn_implementation, dev)
+    model = build_model(cfg.model.name, model_config(cfg), dtype=torch.float32, attn_implementation=attn,
+                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
+                        scratch=cfg.model.init == "scratch")
     if hasattr(model.config, "quantization_config"):
-        # ropescale.models drops the entry a GGUF-converted model keeps; Trainer refuses to train a model that
-        # carries it (FIELD_NOTES), so a loader that let it through is named here rather than in Trainer's error.
+        # models.load drops the entry a GGUF-converted model keeps; Trainer refuses to train a model that carries it
+        # ("quantization method do not support training"), so a loader that let it through is named here.
         raise SystemExit(f"error: {cfg.model.name} still carries quantization_config; Trainer would refuse it")
-    model = get_peft_model(model, train.lora_config(cfg))
-    for name in train.extra_param_names(model, cfg.lora.trainable_extra):  # the same trainable set as ours
+    model = get_peft_model(model, lora_config(cfg))
+    for name in extra_param_names(model, cfg.lora.trainable_extra):  # the same trainable set as ours
         model.get_parameter(name).requires_grad_(True)
-    meter, steps, losses = _StepMeter(device), [], []
+    meter, steps, losses = _StepMeter(dev), [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -291,7 +291,7 @@ def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], device: torch.de
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=1, max_steps=len(rows), activation_checkpointing=True,
-            bf16=precision == "bf16", use_cpu=device.type == "cpu", train_sampling_strategy="sequential",
+            bf16=precision == "bf16", use_cpu=dev.type == "cpu", train_sampling_strategy="sequential",
             dataloader_num_workers=0, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
             logging_strategy="steps", logging_steps=1)  # each step's loss, through on_log
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer()])
@@ -304,11 +304,8 @@ def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], device: torch.de
 
 def worker(variant: str, model: str, lengths: list[int], warmup_len: int, threads: int) -> dict:
     """Run ``variant`` on a warm-up row of ``warmup_len`` tokens, then on one row per length, in that order."""
-    import train
-    from ropescale.models import load_tokenizer
-
     torch.set_num_threads(threads)
-    v, cfg, device = VARIANTS[variant], run_config(model), train._device()
+    v, cfg, dev = VARIANTS[variant], run_config(model), device()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     longest = max([warmup_len, *lengths])
@@ -316,10 +313,10 @@ def worker(variant: str, model: str, lengths: list[int], warmup_len: int, thread
     ids = corpus_tokens(tokenizer, world * longest)[rank * longest:]
     rows = [ids[:n] for n in [warmup_len, *lengths]]
     run = _run_ours if v.kind == "ours" else _run_trainer
-    result = run(cfg, v.precision, rows, device)
+    result = run(cfg, v.precision, rows, dev)
     for step, n in zip(result["steps"], [warmup_len, *lengths]):
         step.update(seq_len=n, tokens=n)
-    return {"variant": variant, "label": v.label, "model": model, "threads": threads, "device": str(device),
+    return {"variant": variant, "label": v.label, "model": model, "threads": threads, "device": str(dev),
             **result}
 
 

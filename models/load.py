@@ -12,15 +12,12 @@ A model is named by one string, resolved in this order:
 
 ``trust_remote_code`` is off unless the caller asks for it. A model whose config has no RoPE (GPT-2, BERT) is
 refused with a message saying why. Applying a RoPE scaling method happens on the config, before the model is built:
-see ``ropescale.apply``.
+see ``ropescale.apply`` and ``models.build``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +33,9 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from utils.cli import UserError
+from utils.files import atomic_dir, cache_dir
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,13 +65,8 @@ TINY_PRESETS: dict[str, type[PretrainedConfig]] = {
 _TINY_SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model name, path or config that cannot be used; the message says what was looked for and what to do."""
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$ROPESCALE_CACHE`` or ``~/.cache/ropescale``."""
-    return Path(os.environ.get("ROPESCALE_CACHE", Path.home() / ".cache" / "ropescale"))
 
 
 def _smollm2_gguf() -> Path:
@@ -89,8 +84,9 @@ def _smollm2_gguf() -> Path:
 
 
 def _plain_config(config: PretrainedConfig) -> PretrainedConfig:
-    # A GGUF load keeps quantization_config although the weights are dequantized; Trainer and other tools would
-    # then treat the model as quantized (FIELD_NOTES). Our converted models are plain fp32 models.
+    # A GGUF load keeps quantization_config although the weights are dequantized; transformers' Trainer then refuses
+    # to train the model ("quantization method do not support training") and other tools treat it as quantized
+    # (docs/notes.md). Our converted models are plain fp32 models.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
@@ -100,9 +96,8 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder (model, config, tokenizer); atomic rename."""
     if (out / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    # Two processes may convert at once (two ranks, two tests): the first to finish wins, the other's copy goes.
+    with atomic_dir(out, keep_existing=True) as tmp:
         kw = dict(gguf_file=gguf.name)
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
@@ -111,13 +106,6 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model.config.name_or_path = str(gguf)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process converted it first
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

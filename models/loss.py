@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from data.pack import IGNORE_INDEX  # the one definition: packing writes it, the loss skips it
+
 
 
 def _head_nll(head: nn.Module | torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""A model with its RoPE method: the one way the recipe, eval, launch and bench build a model from a name.
+
+The RoPE change is written into the config before the model is built (``ropescale.apply.apply_rope``), so the
+rotary tables are computed once from what is saved with every artifact. ``dynamic_yarn``, which transformers does
+not have, additionally swaps in our rotary module after the build (``ropescale.runtime``).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from models.load import ModelLoadError, load_config, load_model
+from ropescale.apply import apply_rope, rope_of
+from ropescale.runtime import enable_dynamic_yarn
+
+
+def apply_arch(config: PretrainedConfig, arch: dict) -> PretrainedConfig:
+    """Set ``model.arch`` overrides (e.g. ``{"num_hidden_layers": 4}``) on ``config`` in place; returns it. A key
+    the config class does not have is a ModelLoadError (a typo would otherwise add a field nothing reads)."""
+    for key, value in arch.items():
+        if not hasattr(config, key):
+            raise ModelLoadError(f"model.arch.{key}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
+    return config
+
+
+def scaled_config(name: str, method: str, factor: float, params: dict | None = None, *,
+                  original_len: int | None = None, rebase: bool = False, arch: dict | None = None,
+                  trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of ``name`` with ``arch`` overrides, then RoPE ``method`` at ``factor`` written into it."""
+    config = apply_arch(load_config(name, trust_remote_code=trust_remote_code), arch or {})
+    return apply_rope(config, method, factor, params, original_len=original_len, rebase=rebase)
+
+
+def build_model(name: str, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32,
+                attn_implementation: str = "sdpa", trust_remote_code: bool = False, seed: int = 0,
+                scratch: bool = False) -> PreTrainedModel:
+    """The model ``name`` built with ``config`` (weights loaded, or random from ``seed`` with ``scratch``); a
+    ``dynamic_yarn`` config gets its runtime rotary module. In eval mode, as ``models.load.load_model`` returns it."""
+    model = load_model(name, config=config, dtype=dtype, attn_implementation=attn_implementation,
+                       trust_remote_code=trust_remote_code, seed=seed, scratch=scratch)
+    if rope_of(config)["method"] == "dynamic_yarn":
+        # transformers has no dynamic YaRN; a plain reload of the saved config runs static YaRN at the target
+        # factor (docs/ropescale.md).
+        enable_dynamic_yarn(model)
+    return model

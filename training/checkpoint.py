@@ -1,0 +1,207 @@
+"""What a run leaves on disk, decided here and nowhere else: the run folder, checkpoints (save and load side by side:
+model and optimizer through DeepSpeed, step and token counters, per-rank data position and RNG states) and the
+exported adapter and merged model.
+
+Every folder is written under a temporary name and renamed once complete, so a crash mid-write leaves the previous
+one as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from configs.schema import RunConfig
+from training.model import LossModule, tokenizer_of, trainable_model
+from training.runtime import TrainError, fault_point, rank
+from utils.files import replace_dir, write_atomic
+
+CHECKPOINT_PREFIX = "step-"
+DS_TAG = "engine"  # DeepSpeed's sub-folder inside each checkpoint
+
+# Keys that may change between a run and its resumption (length of the run, logging, evaluation).
+RESUMABLE_CHANGES = {"train.max_steps", "train.max_tokens", "train.save_every", "train.keep_last",
+                     "train.log_every", "wandb", "eval"}
+
+
+# ------------------------------------------------------------------------------------------------------ run folder
+
+
+def public_config(cfg: RunConfig) -> dict:
+    """The resolved config as saved and logged. It holds no secrets by construction: the W&B key is only ever read
+    from the environment by wandb itself."""
+    return json.loads(cfg.model_dump_json())
+
+
+def prepare_run_dir(cfg: RunConfig, run: Path, resume: str) -> Path | None:
+    """Check the run folder against ``--resume`` (never / auto / a checkpoint path); return the checkpoint to
+    resume from, or None. Touches nothing."""
+    ckpts = complete_checkpoints(run)
+    saved = run / "config.yaml"
+    if resume == "never":
+        if ckpts or (run / "merged").exists():
+            raise TrainError(f"output.dir {run} already holds a run; pass --resume auto to continue it or choose "
+                             "another output.dir")
+        return None
+    if saved.is_file():
+        check_same_run(yaml.safe_load(saved.read_text()), public_config(cfg), run)
+    if resume == "auto":
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / DS_TAG).is_dir():
+        raise TrainError(f"--resume {path}: not a complete checkpoint folder (expected {path / DS_TAG})")
+    return path
+
+
+def check_same_run(saved: dict, now: dict, run: Path) -> None:
+    """A resumed run must train the same thing: only ``RESUMABLE_CHANGES`` may differ from the saved config."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    def resumable(key):
+        return key in RESUMABLE_CHANGES or key.split(".")[0] in RESUMABLE_CHANGES
+
+    a, b = dict(flat(saved)), dict(flat(now))
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not resumable(k))
+    if diff:
+        raise TrainError(f"--resume: the config differs from the one saved in {run / 'config.yaml'} at "
+                         f"{', '.join(diff)}; a resumed run must train the same thing (use a new output.dir)")
+
+
+def write_run_config(cfg: RunConfig, run: Path) -> None:
+    """Rank 0: create the run folder and write its resolved ``config.yaml``."""
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(run / "config.yaml", yaml.safe_dump(public_config(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A checkpoint is complete once renamed from its ``.tmp-`` name."""
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / DS_TAG).is_dir())
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors, so that a checkpoint loads with ``weights_only=True``."""
+    _, internal, _ = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": torch.tensor(list(internal), dtype=torch.int64)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """The inverse of ``rng_state``."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last: int) -> Path:
+    """Everything a resumed run needs: DeepSpeed's model/optimizer/scheduler state, ``state`` (step and token
+    counters), and per rank the data position and RNG states. Written under ``.tmp-step-N`` and renamed by rank 0
+    once every rank has finished; only the newest ``keep_last`` are kept (0: all)."""
+    dist, me = torch.distributed, torch.distributed.get_rank()
+    folder = run / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = folder / f".tmp-{final.name}"
+    if me == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    # Frozen base weights are not saved: they come back from the base model (a 7B checkpoint shrinks from 14 GB).
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=state, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save({"loader": loader.state_dict(), "rng": rng_state()}, tmp / f"rank{me:03d}.pt")
+    fault_point("checkpoint", step)
+    dist.barrier()
+    if me == 0:
+        replace_dir(tmp, final)
+        for old in complete_checkpoints(run)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path, loader) -> dict:
+    """The inverse of ``save_checkpoint``: restores engine, data position and RNG; returns {step, tokens}."""
+    me = torch.distributed.get_rank()
+    rank_file = path / f"rank{me:03d}.pt"
+    if not rank_file.is_file():
+        raise TrainError(f"{path} was saved by fewer processes (no {rank_file.name}); resume with the same number "
+                         "of processes")
+    loaded, state = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True, load_module_strict=False)
+    if loaded is None:
+        raise TrainError(f"DeepSpeed could not load {path / DS_TAG}")
+    per_rank = torch.load(rank_file, weights_only=True)
+    loader.load_state_dict(per_rank["loader"])
+    set_rng_state(per_rank["rng"])
+    return {"step": state["step"], "tokens": state["tokens"]}  # ours, without DeepSpeed's own entries
+
+
+# ------------------------------------------------------------------------------------------------------- export
+
+
+def trained_state(engine, module: LossModule) -> dict[str, torch.Tensor] | None:
+    """Rank 0: the trained parameters (LoRA + extras, or every weight for full fine-tuning), gathered from ZeRO-3
+    partitions when needed, keyed as in ``module.model``; other ranks: None."""
+    names = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        params = [module.model.get_parameter(n) for n in names]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().clone().float().cpu() for n, p in zip(names, params)} if rank() == 0 else None
+    if rank() != 0:
+        return None
+    return {n: module.model.get_parameter(n).detach().clone().float().cpu() for n in names}
+
+
+def export(cfg: RunConfig, config, trained: dict[str, torch.Tensor], run: Path) -> None:
+    """Rank 0: write ``adapter/`` (LoRA + trainable extras) and ``merged/`` (safetensors, plain transformers).
+
+    The merge starts from a fresh fp32 base built from the same RoPE-scaled ``config``, so ``merged/config.json``
+    carries the scaling natively and the merged weights are base + BA (not bf16-rounded training copies)."""
+    from safetensors.torch import save_file
+
+    model = trainable_model(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"gradient_checkpointing": False})}), config, "fp32", "sdpa", dtype=torch.float32)
+    missing = [n for n in trained if n not in dict(model.named_parameters())]
+    if missing:
+        raise TrainError(f"export: trained parameters not found in a fresh model: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in trained.items():
+            model.get_parameter(name).copy_(value)
+    for name in ("adapter", "merged"):
+        shutil.rmtree(run / f".tmp-{name}", ignore_errors=True)
+    if cfg.lora.enabled:
+        tmp = run / ".tmp-adapter"
+        model.save_pretrained(tmp, safe_serialization=True)
+        extras = {n: v.contiguous() for n, v in trained.items() if "lora_" not in n}
+        if extras:
+            save_file(extras, str(tmp / "trainable_extra.safetensors"))
+        # The RoPE-scaled base config: a PEFT adapter alone does not carry the base's RoPE change, and base +
+        # adapter reloaded without it gives different logits (docs/notes.md).
+        config.save_pretrained(tmp / "base_config")
+        replace_dir(tmp, run / "adapter")
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    tmp = run / ".tmp-merged"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer_of(cfg).save_pretrained(tmp)
+    replace_dir(tmp, run / "merged")

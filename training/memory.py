@@ -1,0 +1,439 @@
+"""The per-GPU memory plan of a ``train.py`` run, computed before the run from the model's shape and the run config.
+
+    python -m launch.memory --config configs/ntk_parts_32k.yaml --world-size 8 [--gpu-mem-gib 80] [--set k=v ...]
+    python train.py --config configs/cpu_tiny.yaml --dry-run             # one process: world size 1
+    deepspeed --num_gpus 8 train.py --config configs/ntk_parts_32k.yaml --dry-run   # WORLD_SIZE from the launcher
+
+Each line of the plan is one kind of memory, in bytes per GPU (docs/launch.md derives every formula):
+
+- weights: the frozen base in bf16 (LoRA under ``train.precision`` bf16/auto) or fp32, and the trainable parameters
+  (LoRA, ``lora.trainable_extra``, or every weight) in fp32. train.py runs bf16 through autocast and keeps trainable
+  weights in fp32, so DeepSpeed takes its fp32 path: no separate master copy. ZeRO-3 splits all weights over the GPUs.
+- gradients (fp32, trainable only; split for ZeRO >= 2) and AdamW's two fp32 moments (split for ZeRO >= 1); the
+  offload configs move them (and, for ``offload_param``, the weights) to CPU memory.
+- activations with gradient checkpointing: every decoder layer's input is kept, and with
+  ``train.checkpoint_keep_attention`` (sdpa / flash) its attention output and log-sum-exp; one layer at a time is recomputed in
+  the backward, with the tensors autograd saves for it (counted from what PyTorch actually saves, see
+  ``layer_activation_bytes``) and its gradients. sdpa and flash attention add no L x L term; ``eager`` keeps the
+  attention probabilities (heads x L^2); a document mask (``data.block_cross_doc`` with sdpa/eager) is L^2.
+- the loss: the final hidden states and the chunked LM head (``models.loss``: 3 x chunk x vocab fp32 floats).
+
+Not modelled, and the reason a plan fits only with 10% of the GPU left free: the CUDA context, NCCL buffers,
+DeepSpeed's communication buckets and allocator fragmentation.
+
+The model's shape comes from its config (``models.load.load_config``); for a few hub models whose config cannot
+be fetched (no network, gated repository) a built-in table of their published shapes is used, and the plan says so.
+Parameter counts come from building the exact model train.py builds (base + LoRA + trainable extras) on PyTorch's
+``meta`` device: no memory, no weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from configs.schema import ConfigError, RunConfig
+from models.build import apply_arch
+from ropescale.apply import head_dim_of
+from training.checkpoint import public_config
+from training.engine import ds_config
+from training.model import extra_param_names, lora_config  # the same LoRA and trainable extras as the run
+
+GIB = 2**30
+RESERVE = 0.10  # fraction of GPU memory left for what the plan does not model (see module docstring)
+
+# Published config.json shapes, used only when the config itself cannot be read (the plan says so when it does).
+KNOWN_ARCHITECTURES: dict[str, dict] = {
+    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                     vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "meta-llama/Llama-2-13b-hf": dict(model_type="llama", hidden_size=5120, intermediate_size=13824,
+                                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                      vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "mistralai/Mistral-7B-v0.1": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                      vocab_size=32000, max_position_embeddings=32768, tie_word_embeddings=False),
+}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class MemoryPlanError(ConfigError):
+    """A config the memory plan cannot be computed for; one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The decoder's sizes: a Llama-family layer is attention (q/k/v/o) + a gated MLP (gate/up/down) + 2 RMSNorms."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    def in_features(self, linear: str) -> int:
+        return {"o_proj": self.heads * self.head_dim, "down_proj": self.intermediate}.get(linear, self.hidden)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Parameter counts of the model train.py builds, and which parts of it train."""
+
+    total: int
+    trainable: int
+    lora: int
+    largest_module: int  # the most parameters ZeRO-3 gathers at once: one decoder layer, or the embedding
+    trainable_linears: frozenset[str]  # LINEARS names that train (LoRA targets, or all of them in full fine-tuning)
+    embed_trainable: bool
+    norm_trainable: bool
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The run settings that decide memory."""
+
+    world: int
+    micro_batch: int
+    seq_len: int
+    precision: str  # bf16 | fp32
+    lora: bool
+    lora_r: int
+    lora_dropout: float
+    zero_stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    checkpointing: bool
+    keep_attention: bool  # train.checkpoint_keep_attention: each layer's attention output kept under checkpointing
+    attention: str  # sdpa | eager | flash_attention_2
+    doc_mask: bool  # documents isolated inside a row by an L x L mask (block_cross_doc with sdpa/eager)
+    loss_chunk: int
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    gpu: float  # bytes per GPU
+    cpu: float  # bytes per process in CPU memory (offload)
+    how: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    items: list[Item]
+    gpu_mem_gib: float
+    header: list[str]
+    notes: list[str]
+
+    @property
+    def total(self) -> float:
+        return sum(i.gpu for i in self.items)
+
+    @property
+    def cpu_total(self) -> float:
+        return sum(i.cpu for i in self.items)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= (1 - RESERVE) * self.gpu_mem_gib * GIB
+
+
+# --------------------------------------------------------------------------------------------------- model shape
+
+
+def model_config(cfg: RunConfig):
+    """(config, where it came from): the base model's config with ``model.arch`` overrides applied."""
+    from transformers import AutoConfig
+
+    from models.load import ModelLoadError, load_config
+
+    name = cfg.model.name
+    try:
+        config = load_config(name, trust_remote_code=cfg.model.trust_remote_code)
+        source = "the model's config"
+    except ModelLoadError as e:
+        if name not in KNOWN_ARCHITECTURES:
+            raise MemoryPlanError(f"{e}; the memory plan needs the model's config (offline it knows only "
+                                  f"{', '.join(KNOWN_ARCHITECTURES)})") from None
+        config = AutoConfig.for_model(**KNOWN_ARCHITECTURES[name])
+        source = "training/memory.py's table of published shapes: the config could not be read here"
+    return apply_arch(config, dict(cfg.model.arch)), source
+
+
+def shape_of(config) -> Shape:
+    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in needed if getattr(config, k, None) is None]
+    if missing:
+        raise MemoryPlanError(f"{type(config).__name__} has no {', '.join(missing)}: the memory plan knows "
+                              "Llama-family decoders (Llama, Mistral, Qwen2: q/k/v/o attention + gate/up/down MLP)")
+    heads = config.num_attention_heads
+    return Shape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
+                 kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                 head_dim=head_dim_of(config),
+                 intermediate=config.intermediate_size, vocab=config.vocab_size)
+
+
+def count_params(cfg: RunConfig, config) -> Params:
+    """Build the model train.py builds (base, LoRA with the same settings, trainable extras) on the meta device and
+    count its parameters."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    base = model
+    if cfg.lora.enabled:
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():  # peft calls a transformers accessor deprecated in v5: noise here
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(model, lora_config(cfg))
+        for name in extra_param_names(model, cfg.lora.trainable_extra):
+            model.get_parameter(name).requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+    named = dict(model.named_parameters())
+    trainable = {n: p for n, p in named.items() if p.requires_grad}
+    modules = {n.rsplit(".", 1)[0] for n in trainable}
+    linears = frozenset(lin for lin in LINEARS if any(f".{lin}" in m or m.endswith(lin) for m in modules))
+    layer = base.get_decoder().layers[0] if hasattr(base, "get_decoder") else None
+    embed = base.get_input_embeddings()
+    largest = max(sum(p.numel() for p in layer.parameters()) if layer is not None else 0,
+                  embed.weight.numel())
+    return Params(
+        total=sum(p.numel() for p in named.values()),
+        trainable=sum(p.numel() for p in trainable.values()),
+        lora=sum(p.numel() for n, p in trainable.items() if "lora_" in n),
+        largest_module=largest,
+        trainable_linears=linears,
+        embed_trainable=any("embed_tokens" in m for m in modules),
+        norm_trainable=any(m.endswith("norm") for m in modules),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- settings
+
+
+def setup_of(cfg: RunConfig, world: int) -> Setup:
+    """The memory-relevant settings of ``cfg`` on ``world`` GPUs. ``auto`` precision is planned as bf16 (every
+    current data-centre GPU has it) and ``auto`` attention as sdpa (flash_attention_2 needs no more memory)."""
+    zero = ds_config(cfg, world).get("zero_optimization", {})
+
+    def on_cpu(key: str) -> bool:
+        return str(zero.get(key, {}).get("device", "none")).lower() == "cpu"
+
+    attention = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    return Setup(
+        world=world, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+        precision="bf16" if cfg.train.precision == "auto" else cfg.train.precision,
+        lora=cfg.lora.enabled, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout,
+        zero_stage=int(zero.get("stage", 0)), offload_optimizer=on_cpu("offload_optimizer"),
+        offload_param=on_cpu("offload_param"), checkpointing=cfg.train.gradient_checkpointing,
+        keep_attention=cfg.train.checkpoint_keep_attention and attention != "eager",
+        attention=attention, doc_mask=cfg.data.block_cross_doc and attention != "flash_attention_2",
+        loss_chunk=cfg.train.loss_chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------- the formula
+
+
+def dtype_bytes(p: Params, s: Setup) -> dict[str, int]:
+    """Bytes per element: ``frozen`` base weights; ``act`` matmul outputs (bf16 under autocast); ``resid`` the
+    residual stream, which takes the embedding output's dtype (train.py casts a trainable fp32 embedding's output
+    to the bf16 base dtype, so it is fp32 only with an fp32 base); ``norm`` RMSNorm outputs (weight x input: a
+    trainable fp32 norm weight promotes them to fp32)."""
+    frozen = 2 if s.precision == "bf16" and s.lora else 4
+    act = 2 if s.precision == "bf16" else 4
+    resid = 4 if frozen == 4 else 2
+    norm = 4 if (p.norm_trainable or resid == 4) else 2
+    return dict(frozen=frozen, act=act, resid=resid, norm=norm)
+
+
+def layer_activation_bytes(shape: Shape, p: Params, s: Setup) -> int:
+    """Bytes per token that autograd saves inside one decoder layer (its input excluded), sdpa/flash attention.
+
+    Counted from the tensors PyTorch saves (checked against saved-tensor hooks in tests/test_launch_memory.py):
+    - each RMSNorm saves its input upcast to fp32 (the first one shares the layer input when that is fp32) and a
+      per-token rsqrt; a trainable norm also keeps its normalized input, cast back to the residual dtype, for its
+      weight gradient;
+    - frozen linears save no input; a trainable one (LoRA or full fine-tuning) saves its input: under bf16 autocast
+      each module its own bf16 copy, in fp32 one shared tensor per input (q/k/v share one, gate/up share one, o's
+      is the attention output); LoRA dropout adds its mask and output in the input's dtype per module; lora_A's
+      output (r features) is saved for lora_B;
+    - attention keeps q, k, v, its output (act dtype) and a per-head fp32 log-sum-exp;
+    - the MLP keeps gate, up and silu(gate) outputs.
+    """
+    b = dtype_bytes(p, s)
+    h, i, heads, kv, d = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim
+    norms = (0 if b["resid"] == 4 else 4 * h) + 4 * h + 2 * 4
+    if p.norm_trainable:
+        norms += 2 * b["resid"] * h
+    in_bytes = {lin: b["norm"] if lin in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else b["act"]
+                for lin in LINEARS}
+    dropout = s.lora and s.lora_dropout > 0
+    if b["act"] == 2:
+        linears = sum(shape.in_features(lin) * (2 + (2 * in_bytes[lin] if dropout else 0))
+                      for lin in p.trainable_linears)
+    elif dropout:
+        linears = sum(shape.in_features(lin) * 2 * 4 for lin in p.trainable_linears)
+    else:
+        groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
+        linears = sum(4 * shape.in_features(g[0]) for g in groups if p.trainable_linears & set(g))
+    lora_out = len(p.trainable_linears) * s.lora_r * b["act"] if s.lora else 0
+    attention = (2 * heads * d + 2 * kv * d) * b["act"] + heads * 4
+    mlp = 3 * i * b["act"]
+    return norms + linears + lora_out + attention + mlp
+
+
+def plan_items(shape: Shape, p: Params, s: Setup) -> list[Item]:
+    """The plan's lines (bytes per GPU), from the model shape, parameter counts and settings."""
+    b = dtype_bytes(p, s)
+    W, T, L = s.world, s.micro_batch * s.seq_len, s.seq_len
+    h, i, V = shape.hidden, shape.intermediate, shape.vocab
+    frozen = p.total - p.trainable
+    split_w = W if s.zero_stage == 3 else 1
+    split_g = W if s.zero_stage >= 2 else 1
+    split_o = W if s.zero_stage >= 1 else 1
+
+    def place(nbytes: float, on_cpu: bool) -> tuple[float, float]:
+        return (0.0, nbytes) if on_cpu else (nbytes, 0.0)
+
+    zero = f"ZeRO-{s.zero_stage}"
+    items = [
+        Item("frozen weights", *place(frozen * b["frozen"] / split_w, s.offload_param),
+             f"{frozen:,} x {b['frozen']} B" + (f" / {W} ({zero})" if split_w > 1 else "")
+             + (" on CPU (offload_param)" if s.offload_param else "")),
+        Item("trainable weights (fp32)", *place(p.trainable * 4 / split_w, s.offload_param),
+             f"{p.trainable:,} x 4 B" + (f" / {W}" if split_w > 1 else "")),
+        Item("gradients (fp32)", *place(p.trainable * 4 / split_g, s.offload_optimizer),
+             f"{p.trainable:,} x 4 B" + (f" / {W} ({zero})" if split_g > 1 else "")
+             + (" on CPU (offload_optimizer)" if s.offload_optimizer else "")),
+        Item("optimizer states (AdamW, fp32)", *place(p.trainable * 8 / split_o, s.offload_optimizer),
+             f"{p.trainable:,} x 2 moments x 4 B" + (f" / {W} ({zero})" if split_o > 1 else "")
+             + (" on CPU (offload_optimizer)" if s.offload_optimizer else "")),
+    ]
+    if s.zero_stage == 3:
+        items.append(Item("ZeRO-3 gathered module", p.largest_module * b["frozen"], 0.0,
+                          f"the largest layer or embedding gathered whole: {p.largest_module:,} x {b['frozen']} B"))
+    per_layer = layer_activation_bytes(shape, p, s)
+    rope = 2 * shape.head_dim * b["resid"]  # cos and sin, shared by all layers
+    if s.checkpointing:
+        items.append(Item("layer inputs (checkpoints)", T * (shape.layers * h * b["resid"] + rope), 0.0,
+                          f"{T:,} tokens x ({shape.layers} layers x {h} x {b['resid']} B + cos/sin)"))
+        if s.keep_attention:
+            kept = shape.heads * shape.head_dim * b["act"] + shape.heads * 4  # output + fp32 log-sum-exp
+            items.append(Item("attention outputs (kept)", T * shape.layers * kept, 0.0,
+                              f"{T:,} tokens x {shape.layers} layers x ({shape.heads} x {shape.head_dim} x "
+                              f"{b['act']} + {shape.heads} x 4) B (train.checkpoint_keep_attention)"))
+        items.append(Item("one layer recomputed", T * per_layer, 0.0,
+                          f"{T:,} tokens x {per_layer:,} B saved by autograd in a layer"))
+    else:
+        items.append(Item("activations (no checkpointing)", T * (shape.layers * (per_layer + h * b["resid"]) + rope),
+                          0.0, f"{T:,} tokens x {shape.layers} layers x ({per_layer:,} + {h * b['resid']}) B"))
+    grads = 2 * h * b["resid"] + 2 * i * b["act"]
+    items.append(Item("backward gradient buffers", T * grads, 0.0,
+                      f"{T:,} tokens x (2 x {h} x {b['resid']} + 2 x {i} x {b['act']}) B (estimate)"))
+    layers_alive = 1 if s.checkpointing else shape.layers
+    if s.attention == "eager":
+        per = 4 + (2 if b["act"] == 2 else 0)  # fp32 softmax output, plus its bf16 copy under autocast
+        probs = layers_alive * s.micro_batch * shape.heads * L * L * per
+        items.append(Item("eager attention probabilities (L^2)", probs, 0.0,
+                          f"{layers_alive} layer(s) x {s.micro_batch} x {shape.heads} heads x {L}^2 x {per} B"))
+    if s.doc_mask:
+        per = 1 if s.attention == "sdpa" else b["act"]  # sdpa: boolean mask; eager: additive mask
+        items.append(Item("document mask (L^2)", s.micro_batch * L * L * per, 0.0,
+                          f"{s.micro_batch} x {L}^2 x {per} B (data.block_cross_doc with {s.attention})"))
+    chunk = min(s.loss_chunk, T)
+    head_in = T * h * (4 + 2 * b["norm"] + (4 if p.norm_trainable else 0))
+    items.append(Item("loss (final norm + chunked LM head)", head_in + 3 * chunk * V * 4, 0.0,
+                      f"{T:,} x {h} hidden copies + 3 x {chunk} x {V:,} x 4 B logits chunk"))
+    return items
+
+
+def full_logits_bytes(shape: Shape, s: Setup) -> float:
+    """What a plain ``model(..., labels=...)`` loss would hold instead of the chunked head: the [T, V] logits in the
+    compute dtype, their fp32 upcast and its fp32 gradient."""
+    act = 2 if s.precision == "bf16" else 4
+    return s.micro_batch * s.seq_len * shape.vocab * (act + 4 + 4)
+
+
+def plan_memory(cfg: RunConfig, world: int = 1, gpu_mem_gib: float = 80.0) -> MemoryPlan:
+    """The memory plan of ``cfg`` on ``world`` GPUs of ``gpu_mem_gib`` GiB each."""
+    if world < 1:
+        raise MemoryPlanError(f"world size must be >= 1, got {world}")
+    config, source = model_config(cfg)
+    shape, p, s = shape_of(config), count_params(cfg, config), setup_of(cfg, world)
+    b = dtype_bytes(p, s)
+    what = (f"LoRA r={cfg.lora.r} on {','.join(cfg.lora.target_modules)}"
+            + (f" + {','.join(cfg.lora.trainable_extra)}" if cfg.lora.trainable_extra else "")
+            if s.lora else "full fine-tuning")
+    header = [
+        f"model {cfg.model.name}: hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads "
+        f"({shape.kv_heads} KV) x {shape.head_dim}, MLP {shape.intermediate}, vocab {shape.vocab:,} (from {source})",
+        f"{p.total - p.lora:,} base + {p.lora:,} LoRA parameters; {p.trainable:,} trainable ({what})",
+        f"ZeRO-{s.zero_stage}{' + optimizer offload' if s.offload_optimizer else ''}"
+        f"{' + parameter offload' if s.offload_param else ''} over {world} GPU(s); {s.precision} "
+        f"(base weights {b['frozen']} B, activations {b['act']} B, residual stream {b['resid']} B); "
+        f"micro-batch {s.micro_batch} x seq_len {s.seq_len:,}; attention {s.attention}; "
+        f"gradient checkpointing {'on' if s.checkpointing else 'off'}",
+    ]
+    notes = [f"a plain full-logits loss would add {full_logits_bytes(shape, s) / GIB:.2f} GiB (train.py uses the "
+             f"chunked head)"]
+    if cfg.train.precision == "auto":
+        notes.append("train.precision auto is planned as bf16 (GPUs with bf16 support)")
+    if cfg.model.attn_implementation == "auto":
+        notes.append("attention auto is planned as sdpa; flash_attention_2 needs no more")
+    return MemoryPlan(items=plan_items(shape, p, s), gpu_mem_gib=gpu_mem_gib, header=header, notes=notes)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as text: header, one line per item, total and verdict."""
+    width = max(len(i.name) for i in plan.items)
+    unit, scale = ("GiB", GIB) if plan.total >= GIB else ("MiB", 2**20)  # tiny test models: MiB
+    lines = ["memory plan per GPU", *(f"  {h}" for h in plan.header)]
+    for it in plan.items:
+        where = f"{it.gpu / scale:9.3f} {unit}" if not it.cpu else f"{it.cpu / scale:9.3f} {unit} CPU"
+        lines.append(f"  {it.name:<{width}}  {where}  {it.how}")
+    budget = (1 - RESERVE) * plan.gpu_mem_gib
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"  {'total':<{width}}  {plan.total / scale:9.3f} {unit}  {verdict} in {plan.gpu_mem_gib:g} GiB "
+                 f"(budget {budget:.1f} GiB: {RESERVE:.0%} kept for CUDA context, NCCL and DeepSpeed buffers, "
+                 "fragmentation)")
+    if plan.cpu_total:
+        lines.append(f"  {'CPU memory per process':<{width}}  {plan.cpu_total / scale:9.3f} {unit}  (offloaded)")
+    lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ dry runs
+
+
+def _gpu_memory_gib() -> float:
+    """This machine's GPU memory, or 80 GiB (an A100/H100) where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return 80.0
+
+
+def dry_run_text(cfg: RunConfig, world: int, gpu_mem_gib: float) -> str:
+    """The resolved config (as train.py would save it) followed by the memory plan."""
+    resolved = yaml.safe_dump(public_config(cfg), sort_keys=False)
+    return f"resolved config:\n{resolved}\n{format_plan(plan_memory(cfg, world, gpu_mem_gib))}"
+
+
+def dry_run(cfg: RunConfig) -> None:
+    """``train.py --dry-run``: print the resolved config and the plan for the launch this process runs under
+    (``WORLD_SIZE`` set by deepspeed/torchrun, else 1; this machine's GPU memory, else 80 GiB). Only rank 0 prints.
+    Starts nothing distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    text = dry_run_text(cfg, world, _gpu_memory_gib())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)

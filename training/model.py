@@ -1,0 +1,142 @@
+"""The model a run trains: its config with the RoPE method, the trainable model (LoRA, trainable extras, gradient
+checkpointing) and the module the DeepSpeed engine wraps (model + chunked loss)."""
+
+from __future__ import annotations
+
+import torch
+
+from configs.schema import RunConfig
+from data.loader import forward_kwargs
+from models.build import build_model, scaled_config
+from models.load import load_tokenizer
+from models.loss import causal_lm_loss
+from ropescale.apply import original_context
+from training.runtime import TrainError
+
+
+def model_config(cfg: RunConfig):
+    """The base config with ``model.arch`` overrides and the RoPE method applied: the one config every artifact of
+    the run (checkpoints, adapter base, merged model) is built from. Refuses a training length below the model's
+    original context: context extension trains at or beyond it."""
+    config = scaled_config(cfg.model.name, cfg.rope.method, cfg.rope.factor, dict(cfg.rope.params),
+                           original_len=cfg.rope.original_len, rebase=cfg.rope.rebase, arch=dict(cfg.model.arch),
+                           trust_remote_code=cfg.model.trust_remote_code)
+    original = cfg.rope.original_len or original_context(config)
+    target = cfg.data.pose_target_len or cfg.data.seq_len
+    if cfg.rope.method != "none" and target < original:
+        raise TrainError(f"data.seq_len {target} is below the model's original context {original}: context "
+                         "extension trains at or beyond it; raise data.seq_len (or data.pose_target_len for PoSE)")
+    return config
+
+
+def tokenizer_of(cfg: RunConfig):
+    """The run's tokenizer: ``model.tokenizer``, else the base model's."""
+    return load_tokenizer(cfg.model.tokenizer or cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def lora_config(cfg: RunConfig):
+    """The peft LoraConfig of a run (the memory plan builds the same one)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def extra_param_names(model, patterns: list[str]) -> list[str]:
+    """Names of base parameters trained in full beside LoRA: those whose module name ends with a pattern
+    (``norm`` matches every RMSNorm, ``embed_tokens`` the embedding; a tied LM head follows the embedding)."""
+    names = []
+    for pattern in patterns:
+        found = [n for n, _ in model.named_parameters()
+                 if "lora_" not in n and n.rsplit(".", 1)[0].endswith(pattern)]
+        if not found:
+            raise TrainError(f"lora.trainable_extra: no module of {type(model.get_base_model()).__name__} ends with "
+                             f"'{pattern}' (e.g. embed_tokens, norm)")
+        names += found
+    return sorted(set(names))
+
+
+def attention_ops() -> list:
+    """The fused attention kernels whose outputs ``train.checkpoint_keep_attention`` keeps: sdpa's CPU and CUDA
+    kernels, and flash-attn's when it is installed and registered (its ops exist once flash_attn is imported)."""
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    ops = [getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)]
+    flash = torch.ops.flash_attn
+    return ops + [getattr(flash, n).default for n in ("_flash_attn_forward", "_flash_attn_varlen_forward")
+                  if hasattr(flash, n)]
+
+
+def keep_attention_outputs():
+    """Selective activation checkpointing (the ``context_fn`` of torch.utils.checkpoint): the attention kernels'
+    outputs are saved in the forward and every other op is recomputed in the backward. Recomputing a layer then
+    costs its linears and elementwise ops only; attention, quadratic in seq_len, runs once forward and once backward
+    instead of twice forward (full checkpointing) and once backward."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(attention_ops())
+
+
+def trainable_model(cfg: RunConfig, config, precision: str, attn: str, dtype: torch.dtype | None = None):
+    """The model to train: base (weights loaded, or scratch) built from ``config``, gradient checkpointing, then
+    LoRA + trainable extras (or every weight when ``lora.enabled`` is off).
+
+    With LoRA and bf16 the frozen base weights are stored in bf16 (half the memory); LoRA weights and trainable
+    extras stay fp32 so that small updates (lr 2e-5) are not rounded away. Compute runs under bf16 autocast.
+    """
+    if dtype is None:
+        dtype = torch.bfloat16 if (precision == "bf16" and cfg.lora.enabled) else torch.float32
+    model = build_model(cfg.model.name, config, dtype=dtype, attn_implementation=attn,
+                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
+                        scratch=cfg.model.init == "scratch")
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so it works with frozen embeddings + LoRA
+        # (YaRN's script turns checkpointing off under LoRA; its users then run out of memory).
+        kwargs = {"use_reentrant": False}
+        if cfg.train.checkpoint_keep_attention:
+            kwargs["context_fn"] = keep_attention_outputs
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if not cfg.lora.enabled:
+        model.float().requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(cfg))
+    for name in extra_param_names(model, cfg.lora.trainable_extra):
+        param = model.get_parameter(name)
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    embed = model.get_input_embeddings()
+    if dtype != torch.float32 and embed.weight.dtype == torch.float32:
+        # A trainable fp32 embedding would make the whole residual stream fp32 (twice the checkpointed
+        # activations); hand the layers the base dtype, as an untouched bf16 embedding would.
+        embed.register_forward_hook(lambda module, args, out: out.to(dtype))
+    return model
+
+
+class LossModule(torch.nn.Module):
+    """What the DeepSpeed engine wraps: the model plus the chunked loss, so that one ``engine(batch)`` call runs the
+    decoder and the LM head chunk by chunk (the ``[seq_len, vocab]`` logits never exist)."""
+
+    def __init__(self, model, chunk_size: int, autocast_dtype: torch.dtype | None, block_cross_doc: bool):
+        super().__init__()
+        self.model, self.chunk_size, self.autocast_dtype = model, chunk_size, autocast_dtype
+        self.block_cross_doc = block_cross_doc
+
+    @classmethod
+    def of(cls, cfg: RunConfig, model, precision: str) -> LossModule:
+        """The loss module of a run: the config's loss chunk size and packing mode, bf16 autocast for bf16."""
+        return cls(model, cfg.train.loss_chunk_size, torch.bfloat16 if precision == "bf16" else None,
+                   cfg.data.block_cross_doc)
+
+    def forward(self, input_ids, labels, position_ids):
+        """input_ids, labels, position_ids: [B, seq_len] -> the mean loss over the scored tokens (a scalar)."""
+        # The packing mode decides the attention mask: None + use_cache=False isolates documents (reset rows with
+        # block_cross_doc), all ones keeps plain causal attention across the row (data/loader.py).
+        kwargs = forward_kwargs({"input_ids": input_ids, "position_ids": position_ids}, self.block_cross_doc)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss_sum, n = causal_lm_loss(self.model, input_ids, labels, position_ids=position_ids,
+                                         attention_mask=kwargs["attention_mask"], chunk_size=self.chunk_size)
+        return loss_sum / n.clamp(min=1)

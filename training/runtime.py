@@ -1,0 +1,146 @@
+"""Where and how this process runs: device, process group, precision, attention kernel, SIGTERM, fault injection.
+
+Errors that stop a run are ``TrainError`` (one ``error:`` line, exit 2, printed by the recipe's runner); a SIGTERM
+(a scheduler's preemption) becomes ``Preempted`` once every rank has saved (exit 143).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import resource
+import signal
+from pathlib import Path
+
+import torch
+
+from utils.cli import UserError, free_port
+
+
+class TrainError(UserError):
+    """A run that cannot go on; printed as one ``error:`` line, exit status 2."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived (a scheduler's preemption): the run saved a checkpoint and stops; the recipe exits 143."""
+
+
+def rank() -> int:
+    """This process's global rank (0 before the process group starts, as launchers set RANK)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def log(msg: str) -> None:
+    """Print on rank 0 only, prefixed ``[train]``."""
+    if rank() == 0:
+        print(f"[train] {msg}", flush=True)
+
+
+def device() -> torch.device:
+    """This process's device: its local GPU under a launcher, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(dev: torch.device) -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed: gloo on CPU, NCCL on GPUs; returns (rank, world size). Works under
+    the deepspeed launcher, torchrun, and plain ``python``: DeepSpeed then looks for mpi4py unless RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT are set, so they are set here for the one-process case."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Several processes on a few cores: with 2 threads in each of 2 processes on 2 cores a 20-step run took
+            # 21.5 s instead of 0.6 s (docs/notes.md), so the cores are shared out.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    deepspeed.init_distributed(dist_backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def cpu_bf16_units() -> list[str]:
+    """The bf16 matrix units this CPU lists in /proc/cpuinfo (``amx_bf16``, ``avx512_bf16``); empty elsewhere."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return sorted(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def choose_precision(requested: str, dev: torch.device) -> tuple[str, str]:
+    """(precision, reason). ``auto``: bf16 where the hardware has bf16 matrix units; a CPU without them emulates
+    bf16 matmuls at about 1/150 of its fp32 rate (docs/notes.md), so fp32 there."""
+    if requested != "auto":
+        return requested, "set by train.precision"
+    if dev.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: {torch.cuda.get_device_name(dev)} supports bf16"
+        return "fp32", "auto: this GPU has no bf16 support"
+    units = cpu_bf16_units()
+    if units:
+        return "bf16", f"auto: this CPU has bf16 matrix units ({', '.join(units)})"
+    return "fp32", "auto: this CPU has no bf16 matrix units (no amx_bf16 or avx512_bf16 in /proc/cpuinfo)"
+
+
+def has_flash_attn() -> bool:
+    """Whether the flash-attn package is installed (``requirements-gpu.txt``)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attn_implementation(requested: str, dev: torch.device) -> str:
+    """The attention kernel: ``auto`` is flash_attention_2 on a GPU with flash-attn installed, else sdpa."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and (dev.type != "cuda" or not has_flash_attn()):
+            raise TrainError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and `pip install -r "
+                             "requirements-gpu.txt`; use sdpa")
+        return requested
+    return "flash_attention_2" if dev.type == "cuda" and has_flash_attn() else "sdpa"
+
+
+def peak_memory_gib(dev: torch.device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on GPUs (reset at each call), max RSS on CPU
+    (high-water mark since the process started; Linux reports KiB)."""
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30
+        torch.cuda.reset_peak_memory_stats(dev)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class StopSignal:
+    """SIGTERM, noted and agreed on: the handler only notes it, so the step in flight finishes; ``requested()``
+    then tells every rank once any rank got it (a launcher may signal only some of them)."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.received = True
+
+    def requested(self, dev: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=dev)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def fault_point(where: str, step: int) -> bool:
+    """Fault injection for the crash tests, off unless ``ROPESCALE_FAULT`` is set: ``checkpoint:5`` SIGKILLs rank 0
+    in the middle of writing the step-5 checkpoint (after DeepSpeed wrote its files, before the rename);
+    ``nan_loss:3`` returns True on every rank at step 3 (the caller then turns the loss into NaN)."""
+    if os.environ.get("ROPESCALE_FAULT") != f"{where}:{step}":
+        return False
+    if where == "checkpoint" and rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True

@@ -1,0 +1,78 @@
+"""Files and folders written so that a crash never leaves half of one, and the cache folder.
+
+Every write goes to a temporary name in the destination's own folder and is renamed into place (``os.replace`` is
+atomic within one filesystem): a reader sees the old content or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where converted models and packed data live: ``$ROPESCALE_CACHE`` or ``~/.cache/ropescale``."""
+    return Path(os.environ.get("ROPESCALE_CACHE", Path.home() / ".cache" / "ropescale"))
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` (parents created) through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj, indent: int = 1, sort_keys: bool = False) -> None:
+    """``obj`` as JSON (NaN refused: it is not JSON), written atomically, with a final newline."""
+    write_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` in the place of ``final`` (same parent folder), removing an older ``final``."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder next to ``final``; on success it becomes ``final``, on any error it is removed.
+
+    ``keep_existing``: when ``final`` already exists (another process finished the same folder first, e.g. two ranks
+    building the same cache key), keep that copy and drop ours; otherwise an existing ``final`` is replaced.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if not keep_existing:
+            replace_dir(tmp, final)
+            return
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_figure(fig, path: str | Path, tight: bool = True) -> None:
+    """Save a matplotlib Figure as PNG at 110 dpi, atomically; ``tight``: cropped to what is drawn (else the
+    figure's own size)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight" if tight else None)
+    write_atomic(path, buf.getvalue())
