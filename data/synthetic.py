@@ -26,13 +26,12 @@ pure function of (generator, index, params): the same settings give the same doc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from typing import Any
 
 from data.config import SYNTHETIC_PARAMS, check_synthetic_params
 from data.prompts import prompt_text, wording
+from utils.files import json_digest
 
 GENERATOR_VERSION = 1  # bump when the document layout changes: the packed-set cache key includes it
 
@@ -73,4 +72,4 @@ def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
 def fingerprint(name: str) -> str:
     """What the packed-set cache must know beyond the source's settings: the generator's version and the prompt
     wording it copies from data/prompts.py (a changed wording must not reuse old rows)."""
-    return hashlib.sha256(json.dumps([GENERATOR_VERSION, name, *wording()]).encode()).hexdigest()
+    return json_digest([GENERATOR_VERSION, name, *wording()])

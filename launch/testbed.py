@@ -38,7 +38,7 @@ from configs.schema import RunConfig, load_run_config
 from models.build import apply_arch
 from models.load import load_config, load_tokenizer
 from utils.cli import UserError, free_port, run_cli
-from utils.files import atomic_dir, write_json
+from utils.files import atomic_dir, json_digest, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = Path("configs/testbed/base.yaml")  # relative to ROOT; run and model folders are relative to the cwd
@@ -53,10 +53,6 @@ class TestbedError(UserError):
 
 def _log(msg: str) -> None:
     print(f"[testbed] {msg}", flush=True)
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -87,7 +83,7 @@ def tokenizer_key(cfg: RunConfig) -> str:
     from data.corpus import manifest
 
     corpus = [e["sha256"] for e in manifest() if e["split"] == "train"]
-    return _digest({"vocab_size": cfg.model.arch.get("vocab_size"), "corpus": corpus,
+    return json_digest({"vocab_size": cfg.model.arch.get("vocab_size"), "corpus": corpus,
                     "trainer": _file_sha256(ROOT / "data" / "tokenizer_train.py")})
 
 
@@ -125,7 +121,7 @@ def base_key(cfg: RunConfig, tokenizer: Path, overrides: list[str] = ()) -> str:
     elsewhere in the project does not invalidate the base."""
     from data.sources import source_fingerprint
 
-    return _digest({
+    return json_digest({
         "config": yaml.safe_load((ROOT / BASE_CONFIG).read_text()),
         "overrides": list(overrides),
         "tokenizer": _file_sha256(tokenizer / "tokenizer.json"),

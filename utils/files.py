@@ -6,6 +6,7 @@ atomic within one filesystem): a reader sees the old content or the new one, nev
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,11 @@ from pathlib import Path
 def cache_dir() -> Path:
     """Where converted models and packed data live: ``$ROPESCALE_CACHE`` or ``~/.cache/ropescale``."""
     return Path(os.environ.get("ROPESCALE_CACHE", Path.home() / ".cache" / "ropescale"))
+
+
+def json_digest(obj) -> str:
+    """sha256 (hex) of ``obj`` as canonical JSON (sorted keys; other types by ``str``): a cache key."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
