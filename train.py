@@ -39,7 +39,7 @@ from training.checkpoint import (
     write_run_config,
 )
 from training.engine import ds_config, optimizer_step, tokens_per_step, total_steps, trainable_engine
-from training.evaluate import evaluate
+from training.evaluate import evaluate_run
 from training.memory import dry_run
 from training.metrics import MetricsLog
 from training.model import model_config, tokenizer_of
@@ -54,6 +54,7 @@ from training.runtime import (
     init_distributed,
     log,
     peak_memory_gib,
+    shutdown,
 )
 from utils.cli import run_cli
 
@@ -75,12 +76,7 @@ class Recipe:
         cfg = self.cfg
         resume_from = prepare_run_dir(cfg, self.run, self.resume)
         precision, why = choose_precision(cfg.train.precision, self.device)
-        attn = attn_implementation(cfg.model.attn_implementation, self.device)
-        if attn == "flash_attention_2" and cfg.data.block_cross_doc and cfg.train.micro_batch_size > 1:
-            # transformers derives flash-attention varlen boundaries from position_ids only for a batch of one row;
-            # with more rows documents would attend to each other silently (docs/data.md).
-            raise TrainError("data.block_cross_doc with flash_attention_2 needs train.micro_batch_size: 1 (raise "
-                             "train.grad_accum instead)")
+        attn = attn_implementation(cfg, self.device)
         self.model_config = model_config(cfg)
         ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
@@ -194,7 +190,7 @@ class Recipe:
     def evaluate(self) -> None:
         """The config's ``eval:`` section on the merged model (rank 0), results in ``<run>/eval/``."""
         if self.cfg.eval is not None and self.rank == 0:
-            evaluate(self.cfg, self.run)
+            evaluate_run(self.cfg, self.run)
         self.metrics.finish()
         torch.distributed.barrier()
 
@@ -203,8 +199,7 @@ class Recipe:
     @staticmethod
     def cleanup() -> None:
         """A clean shutdown of the process group (gloo aborts the process otherwise)."""
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()
 
 
 def train(cfg: RunConfig, resume: str = "never") -> Path:

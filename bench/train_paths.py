@@ -8,8 +8,9 @@ Variants (``VARIANTS``):
   ``choose_precision`` / ``attn_implementation`` / ``init_distributed``, ``training.model.model_config``,
   ``training.engine.ds_config`` / ``trainable_engine`` / ``optimizer_step``): LoRA + trainable extras,
   non-reentrant gradient checkpointing, the chunked loss, the DeepSpeed engine of the config (ZeRO-2 for the three
-  models here), one optimizer step of ``engine(batch)`` / ``engine.backward`` / ``engine.step``. ``ours`` is the default precision
-  (``train.precision: auto``); ``ours-zero2x2`` is the same with two processes (one row each, data parallel).
+  models here), one optimizer step of ``engine(batch)`` / ``engine.backward`` / ``engine.step``. ``ours`` is the
+  default precision (``train.precision: auto``); ``ours-zero2x2`` is the same with two processes (one row each,
+  data parallel).
 - ``trainer*``: what a user would run instead: transformers ``Trainer`` + a peft ``LoraConfig`` with the same
   r / alpha / targets (``training.model.lora_config``) and the same trainable extras, ``activation_checkpointing=True``
   (formerly ``gradient_checkpointing``), one sequence per step, the model's own loss from ``labels`` (full logits),
@@ -45,7 +46,7 @@ from models.load import load_tokenizer  # noqa: E402
 from ropescale.apply import head_dim_of  # noqa: E402
 from training.engine import ds_config, optimizer_step, trainable_engine  # noqa: E402
 from training.model import extra_param_names, lora_config, model_config  # noqa: E402
-from training.runtime import attn_implementation, choose_precision, device, init_distributed  # noqa: E402
+from training.runtime import attn_implementation, choose_precision, device, init_distributed, shutdown  # noqa: E402
 from utils.cli import free_port  # noqa: E402
 
 
@@ -220,7 +221,8 @@ def _model_info(model) -> dict:
     embed, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
     if embed is not head:
         n -= embed.numel()
-    return {"n_params_flops": n, "n_layers": cfg.num_hidden_layers, "attn_dim": cfg.num_attention_heads * head_dim_of(cfg),
+    return {"n_params_flops": n, "n_layers": cfg.num_hidden_layers,
+            "attn_dim": cfg.num_attention_heads * head_dim_of(cfg),
             "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
@@ -229,7 +231,7 @@ def ours_steps(cfg, precision: str, batches: list[dict], dev: torch.device) -> d
     order; its bookkeeping, logging and checkpointing are left out), one step per batch of ``batches`` (dicts of
     input_ids, labels, position_ids ``[B, L]``), each timed."""
     precision, why = choose_precision(precision, dev)
-    attn = attn_implementation(cfg.model.attn_implementation, dev)
+    attn = attn_implementation(cfg, dev)
     config = model_config(cfg)
     ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = init_distributed(dev)
@@ -245,7 +247,7 @@ def ours_steps(cfg, precision: str, batches: list[dict], dev: torch.device) -> d
             steps.append({**meter.stop(), "loss": loss.item()})
         info = _model_info(module.model)
     finally:
-        torch.distributed.destroy_process_group()  # gloo aborts the process otherwise
+        shutdown()
     return {"precision": precision, "precision_reason": why, "attn": attn, "rank": rank, "world": world,
             "load_peak_rss_mib": load_peak, "steps": steps, **info}
 
@@ -262,7 +264,7 @@ def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], dev: torch.devic
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    attn = attn_implementation(cfg.model.attn_implementation, dev)
+    attn = attn_implementation(cfg, dev)
     model = build_model(cfg.model.name, model_config(cfg), dtype=torch.float32, attn_implementation=attn,
                         trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
                         scratch=cfg.model.init == "scratch")

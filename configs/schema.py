@@ -40,8 +40,8 @@ class ModelSection(StrictModel):
 
 class RopeSection(StrictModel):
     method: str = "none"
-    """RoPE scaling method, a key of ropescale.methods.ROPE_METHODS (none, linear, ntk_aware, dynamic_ntk,
-    ntk_by_parts, yarn, dynamic_yarn, llama3, longrope, theta)."""
+    """RoPE scaling method, a key of ropescale.methods.ROPE_METHODS (`python -m ropescale inspect --help` lists them
+    with one line each)."""
     factor: float = 1.0
     """Scale factor s: the target context is s x the model's original context."""
     params: dict[str, Any] = {}

@@ -249,7 +249,8 @@ def build_packed(cfg: DataConfig, tokenizer) -> PackedDataset:
             seq_len=cfg.seq_len, mode=cfg.mode, passes=cfg.passes, specials_per_doc=2 if bos is not None else 1,
         )
         write_json(tmp / "stats.json", stats, indent=2)
-        write_json(tmp / META, {"key": final.name, "tokens_key": tkey, "config": cfg.model_dump(), "stats": stats}, indent=2)
+        write_json(tmp / META, {"key": final.name, "tokens_key": tkey, "config": cfg.model_dump(), "stats": stats},
+                   indent=2)
     _log(format_stats(stats))
     return PackedDataset(final, cfg)
 

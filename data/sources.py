@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
 import json
 import zlib
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from data.config import DataError, SourceSpec
 from data.corpus import load_corpus, manifest
+from utils.files import file_sha256
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 _REPLACEMENT = "\ufffd"
@@ -214,14 +214,10 @@ def read_source(spec: SourceSpec, hf_cache: Path | None = None) -> tuple[list[st
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    return h.hexdigest()
 
 
 def source_fingerprint(spec: SourceSpec) -> list:

@@ -11,11 +11,6 @@ Definitions (docs/data.md repeats them):
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 
 

@@ -4,8 +4,9 @@ A model only learns to retrieve a pass key if it sees retrieval during training.
 
 - ``passkey``: the evaluation's own prompt (``data.prompts.prompt_text``: task statement, filler groups, the key line
   at some depth, more filler, the question) followed by its answer, `` NNNNN.``. The wording lives in
-  data/prompts.py only, and eval.passkey scores the same prompt, so training and evaluation cannot drift apart. The number of filler groups is drawn
-  uniformly from 0 to ``max_filler`` and the key's depth uniformly among the possible positions.
+  data/prompts.py only, and eval.passkey scores the same prompt, so training and evaluation cannot drift apart.
+  The number of filler groups is drawn uniformly from 0 to ``max_filler`` and the key's depth uniformly among the
+  possible positions.
 - ``copy``: ``Numbers: a b. Again: a b.`` with 1 to ``max_numbers`` random 5-digit numbers. Every digit of the second
   list can only be predicted by looking it up in the first: the look-up a passkey answer needs (an induction head),
   with a dense signal and, in documents of 17-29 tokens, little to search through. Measured on the testbed

@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # `python launch/sweep.py`: make the repository r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.schema import ConfigError, RunConfig, load_run_config, parse_overrides  # noqa: E402
-from training.checkpoint import complete_checkpoints  # noqa: E402
+from training.checkpoint import complete_checkpoints, public_config  # noqa: E402
 from utils.cli import free_port, run_cli  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 from utils.schema import StrictModel, validate  # noqa: E402
@@ -557,7 +557,7 @@ def dry_run(sweep: Sweep, gpu_mem_gib: float) -> str:
     if plans:
         name = max(plans, key=lambda n: plans[n].total)
         run = next(r for r in sweep.runs if r.name == name)
-        resolved = yaml.safe_dump(json.loads(run.cfg.model_dump_json()), sort_keys=False)
+        resolved = yaml.safe_dump(public_config(run.cfg), sort_keys=False)
         lines += ["", f"resolved config of {name} (the largest memory plan):", resolved, format_plan(plans[name])]
     return "\n".join(lines)
 

@@ -23,7 +23,6 @@ treats it as a base model, not as a fine-tuned run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from configs.schema import RunConfig, load_run_config
 from models.build import apply_arch
 from models.load import load_config, load_tokenizer
 from utils.cli import UserError, free_port, run_cli
-from utils.files import atomic_dir, json_digest, write_json
+from utils.files import atomic_dir, file_sha256, json_digest, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = Path("configs/testbed/base.yaml")  # relative to ROOT; run and model folders are relative to the cwd
@@ -53,10 +52,6 @@ class TestbedError(UserError):
 
 def _log(msg: str) -> None:
     print(f"[testbed] {msg}", flush=True)
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_key(path: Path) -> str | None:
@@ -84,7 +79,7 @@ def tokenizer_key(cfg: RunConfig) -> str:
 
     corpus = [e["sha256"] for e in manifest() if e["split"] == "train"]
     return json_digest({"vocab_size": cfg.model.arch.get("vocab_size"), "corpus": corpus,
-                    "trainer": _file_sha256(ROOT / "data" / "tokenizer_train.py")})
+                    "trainer": file_sha256(ROOT / "data" / "tokenizer_train.py")})
 
 
 def ensure_tokenizer(cfg: RunConfig) -> Path:
@@ -124,7 +119,7 @@ def base_key(cfg: RunConfig, tokenizer: Path, overrides: list[str] = ()) -> str:
     return json_digest({
         "config": yaml.safe_load((ROOT / BASE_CONFIG).read_text()),
         "overrides": list(overrides),
-        "tokenizer": _file_sha256(tokenizer / "tokenizer.json"),
+        "tokenizer": file_sha256(tokenizer / "tokenizer.json"),
         "data": [source_fingerprint(s) for s in cfg.data.sources],
     })
 

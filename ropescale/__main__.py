@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                                          description=inspect.__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    return run_cli(lambda _: inspect.run(args, load_config(args.model) if args.model else None))
+    return run_cli(lambda _: inspect.run(args, load_config))
 
 
 if __name__ == "__main__":

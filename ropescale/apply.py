@@ -99,9 +99,14 @@ def native_rope_parameters(method: str, factor: float, params: dict, original_le
     p.pop("ramp", None)
     s, L = float(factor), int(original_len)
     dim = rotary_dim(head_dim, 1.0 if partial_rotary_factor is None else partial_rotary_factor)
-    rp: dict[str, Any] = spec.to_hf(p, s, L, float(rope_theta), dim)
+    hf = spec.to_hf(p, s, L, float(rope_theta), dim)
+    # The order transformers itself writes: base, type, factor, original length, then the method's parameters.
+    rp: dict[str, Any] = {"rope_theta": hf.pop("rope_theta"), "rope_type": hf.pop("rope_type")}
+    if "factor" in hf:
+        rp["factor"] = hf.pop("factor")
     if rp["rope_type"] in ("yarn", "llama3", "longrope"):
         rp["original_max_position_embeddings"] = L  # where transformers reads the original length for these types
+    rp.update(hf)
     target = L if spec.keeps_max_position else round(L * s)
     if partial_rotary_factor is not None:
         rp["partial_rotary_factor"] = float(partial_rotary_factor)
@@ -182,7 +187,8 @@ def apply_rope(config: PretrainedConfig, method: str, factor: float, params: dic
     ``original_len`` overrides the original length read from the config (``original_context``), for configs that
     understate or do not record it. A config that already carries a scaling raises ``RopeConfigError`` unless
     ``rebase=True``: then the old scaling is replaced, starting from the original length and base the config records
-    (scalings are never compounded). Build the model from the result: ``load_model(name, config=apply_rope(...))``.
+    (scalings are never compounded). Build the model from the result: ``models.build.build_model(name, config)``
+(``models.load.load_model`` too, except that dynamic_yarn then runs as static YaRN).
     """
     params = dict(params or {})
     cur = rope_of(config)

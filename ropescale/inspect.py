@@ -170,8 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"  {name:<{width}}  {m.summary}" for name, m in ROPE_METHODS.items())
 
 
-def _resolve(a: argparse.Namespace, config) -> dict:
-    """The rope_table arguments from the command line (and ``config``, the config of ``--model``)."""
+def _resolve(a: argparse.Namespace, load_config) -> dict:
+    """The rope_table arguments from the command line (and the config of ``--model``, read by ``load_config``)."""
     params = {}
     if a.params is not None:
         try:
@@ -181,6 +181,7 @@ def _resolve(a: argparse.Namespace, config) -> dict:
     if a.model:
         if a.head_dim is not None or a.base is not None:
             raise RopeConfigError("give either --model or --head-dim/--base/--original, not both")
+        config = load_config(a.model)
         cur = rope_of(config)
         if (a.method is None) != (a.factor is None):
             raise RopeConfigError("give --method and --factor together (or neither, to inspect the model's own)")
@@ -201,10 +202,10 @@ def _resolve(a: argparse.Namespace, config) -> dict:
                 params=params, partial_rotary_factor=a.partial_rotary_factor or 1.0)
 
 
-def run(a: argparse.Namespace, config=None) -> int:
-    """The command: ``a`` from ``add_arguments``; ``config``: the loaded config of ``a.model`` (the entry point
-    ``python -m ropescale`` loads it, so that this module needs no model loading)."""
-    kw = _resolve(a, config)
+def run(a: argparse.Namespace, load_config=None) -> int:
+    """The command: ``a`` from ``add_arguments``; ``load_config(name)`` reads the config of ``--model`` (the entry
+    point ``python -m ropescale`` passes ``models.load.load_config``, so that this module loads no models)."""
+    kw = _resolve(a, load_config)
     table = rope_table(**kw)
     if a.plot:
         if not Path(a.plot).parent.is_dir():

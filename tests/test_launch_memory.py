@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from configs.schema import load_run_config
-from training.model import model_config as run_config
-from training.model import trainable_model
+from training.model import model_config, trainable_model
 from training.memory import (
     GIB,
     MemoryPlanError,
     count_params,
     format_plan,
     layer_activation_bytes,
-    model_config as plan_config,
+    planned_config,
     plan_memory,
     setup_of,
     shape_of,
@@ -140,8 +139,8 @@ ARCH = ("model.arch={hidden_size: 256, intermediate_size: 688, num_attention_hea
 ])
 def test_layer_activations_equal_what_autograd_saves_in_the_trained_model(precision, sets):
     cfg = load_run_config(TINY, [ARCH, f"train.precision={precision}", "train.gradient_checkpointing=false", *sets])
-    config, _ = plan_config(cfg)
-    model = trainable_model(cfg, run_config(cfg), precision, "sdpa").train()
+    config, _ = planned_config(cfg)
+    model = trainable_model(cfg, model_config(cfg), precision, "sdpa").train()
     torch.manual_seed(0)
     # Difference of two lengths: per-token bytes, without the constant autocast copies of LoRA weights.
     measured = (_saved_bytes(model, 512, precision == "bf16") - _saved_bytes(model, 256, precision == "bf16")) / 256
@@ -152,9 +151,9 @@ def test_layer_activations_equal_what_autograd_saves_in_the_trained_model(precis
 def test_eager_attention_keeps_heads_x_length_squared():
     cfg = load_run_config(TINY, [ARCH, "train.precision=bf16", "train.gradient_checkpointing=false",
                                  "lora.trainable_extra=[]"])
-    model = trainable_model(cfg, run_config(cfg), "bf16", "eager").train()
+    model = trainable_model(cfg, model_config(cfg), "bf16", "eager").train()
     growth = _saved_bytes(model, 512, True) - _saved_bytes(model, 256, True)
-    config, _ = plan_config(cfg)
+    config, _ = planned_config(cfg)
     per_token = layer_activation_bytes(shape_of(config), count_params(cfg, config), setup_of(cfg, 1))
     quadratic = 4 * (512**2 - 256**2) * 6  # 4 heads; fp32 probabilities + their bf16 copy
     assert abs(growth - (per_token * 256 + quadratic)) < 0.01 * growth

@@ -6,7 +6,7 @@ launch/, bench/ and the tests (nothing imports ``train.py``).
 - ``engine``: the DeepSpeed config and engine, the LR schedule, one optimizer step;
 - ``checkpoint``: the run folder, checkpoints (save and load side by side), the exported adapter and merged model;
 - ``metrics``: metrics.jsonl, the progress bar, W&B;
-- ``memory``: the per-GPU memory plan (``train.py --dry-run``, ``python launch/memory.py``);
+- ``memory``: the per-GPU memory plan (``train.py --dry-run``, ``python -m launch.memory``);
 - ``evaluate``: the in-run evaluation of the merged model.
 
 The only package that knows optimizers, DeepSpeed and W&B together.

@@ -23,7 +23,10 @@ def ds_config(cfg: RunConfig, world: int) -> dict:
     path = Path(cfg.deepspeed.config)
     if not path.is_file():
         raise TrainError(f"deepspeed.config: {path} not found (see configs/deepspeed/)")
-    ds = json.loads(path.read_text())
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainError(f"deepspeed.config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled"):
         raise TrainError(f"{path}: set precision with train.precision, not in the DeepSpeed JSON (bf16/fp16 sections)")
     fills = {

@@ -8,7 +8,7 @@ from configs.schema import RunConfig
 from eval import passkey, perplexity
 
 
-def evaluate(cfg: RunConfig, run: Path) -> None:
+def evaluate_run(cfg: RunConfig, run: Path) -> None:
     """Run perplexity and passkey on ``run``'s merged model; results go to ``<run>/eval/`` where eval.compare and
     sweeps read them. The held-out split of the bundled corpus is the default text (training never reads it)."""
     e, common = cfg.eval, ["--model", str(run), "--out", str(run / "eval")]

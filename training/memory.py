@@ -40,6 +40,7 @@ from ropescale.apply import head_dim_of
 from training.checkpoint import public_config
 from training.engine import ds_config
 from training.model import extra_param_names, lora_config  # the same LoRA and trainable extras as the run
+from training.runtime import rank
 
 GIB = 2**30
 RESERVE = 0.10  # fraction of GPU memory left for what the plan does not model (see module docstring)
@@ -144,7 +145,7 @@ class MemoryPlan:
 # --------------------------------------------------------------------------------------------------- model shape
 
 
-def model_config(cfg: RunConfig):
+def planned_config(cfg: RunConfig):
     """(config, where it came from): the base model's config with ``model.arch`` overrides applied."""
     from transformers import AutoConfig
 
@@ -367,7 +368,7 @@ def plan_memory(cfg: RunConfig, world: int = 1, gpu_mem_gib: float = 80.0) -> Me
     """The memory plan of ``cfg`` on ``world`` GPUs of ``gpu_mem_gib`` GiB each."""
     if world < 1:
         raise MemoryPlanError(f"world size must be >= 1, got {world}")
-    config, source = model_config(cfg)
+    config, source = planned_config(cfg)
     shape, p, s = shape_of(config), count_params(cfg, config), setup_of(cfg, world)
     b = dtype_bytes(p, s)
     what = (f"LoRA r={cfg.lora.r} on {','.join(cfg.lora.target_modules)}"
@@ -435,5 +436,5 @@ def dry_run(cfg: RunConfig) -> None:
     Starts nothing distributed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     text = dry_run_text(cfg, world, _gpu_memory_gib())
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank() == 0:
         print(text, flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from configs.schema import RunConfig
 from utils.cli import UserError, free_port
 
 
@@ -98,14 +99,21 @@ def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def attn_implementation(requested: str, dev: torch.device) -> str:
-    """The attention kernel: ``auto`` is flash_attention_2 on a GPU with flash-attn installed, else sdpa."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and (dev.type != "cuda" or not has_flash_attn()):
-            raise TrainError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and `pip install -r "
-                             "requirements-gpu.txt`; use sdpa")
-        return requested
-    return "flash_attention_2" if dev.type == "cuda" and has_flash_attn() else "sdpa"
+def attn_implementation(cfg: RunConfig, dev: torch.device) -> str:
+    """The attention kernel of a run: ``model.attn_implementation``, where ``auto`` is flash_attention_2 on a GPU with
+    flash-attn installed, else sdpa. Refuses a kernel this machine lacks, and flash attention with document
+    isolation over several rows: transformers derives flash-attention varlen boundaries from position_ids only for a
+    batch of one row, so with more rows documents would attend to each other silently (docs/data.md)."""
+    requested = cfg.model.attn_implementation
+    if requested == "flash_attention_2" and (dev.type != "cuda" or not has_flash_attn()):
+        raise TrainError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and `pip install -r "
+                         "requirements-gpu.txt`; use sdpa")
+    if requested == "auto":
+        requested = "flash_attention_2" if dev.type == "cuda" and has_flash_attn() else "sdpa"
+    if requested == "flash_attention_2" and cfg.data.block_cross_doc and cfg.train.micro_batch_size > 1:
+        raise TrainError("data.block_cross_doc with flash_attention_2 needs train.micro_batch_size: 1 (raise "
+                         "train.grad_accum instead)")
+    return requested
 
 
 def peak_memory_gib(dev: torch.device) -> float:
@@ -116,6 +124,12 @@ def peak_memory_gib(dev: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats(dev)
         return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def shutdown() -> None:
+    """A clean end of the process group, if one was started (gloo aborts the process otherwise)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class StopSignal:
