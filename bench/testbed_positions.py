@@ -1,4 +1,5 @@
-"""Loss by position over long windows of the held-out book: how each RoPE method changes the rise past the native length.
+"""Loss by position over long windows of the held-out book: how each RoPE method changes the rise past the native
+length.
 
     python bench/testbed_positions.py                                   # testbed base, 1024-token windows (4x)
     python bench/testbed_positions.py --length 2048 --runs runs/demo/yarn_4x
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.model, dict(method=m, factor=factor, params=None, original_len=None, rebase=False)) for m in METHODS
     ] + [(r, {}) for r in args.runs]
     edges = list(range(0, args.length, args.bucket))
-    print(f"`python {' '.join(sys.argv)}`: {ids.numel() // args.length} windows of {args.length} tokens of the held-out "
-          f"book, native context {native}, {args.dtype}, {torch.get_num_threads()} thread(s)\n")
+    print(f"`python {' '.join(sys.argv)}`: {ids.numel() // args.length} windows of {args.length} tokens of the "
+          f"held-out book, native context {native}, {args.dtype}, {torch.get_num_threads()} thread(s)\n")
     print("| model | " + " | ".join(f"{a + 1}-{min(a + args.bucket, args.length - 1)}" for a in edges)
           + f" | ppl over {args.length} |")
     print("|---|" + "---|" * (len(edges) + 1))

@@ -86,7 +86,8 @@ def table(runs: list[dict]) -> tuple[list[str], list[list]]:
     rows = []
     for r in runs:
         m, ppl, pk = r["model"], r["perplexity"], r["passkey"]
-        row = [m["label"], m["model"], m["method"], m["factor"], m["fine_tuned"], ppl["settings"]["mode"] if ppl else None]
+        mode = ppl["settings"]["mode"] if ppl else None
+        row = [m["label"], m["model"], m["method"], m["factor"], m["fine_tuned"], mode]
         row += [ppl["ppl"].get(str(L)) if ppl else None for L in ppl_lengths]
         row += [pk["by_length"].get(str(L)) if pk else None for L in pk_lengths]
         row += [pk["accuracy"] if pk else None] if pk_lengths else []

@@ -49,7 +49,8 @@ def test_table_and_plots_over_three_result_folders(results, tmp_path, monkeypatc
     assert [r["method"] for r in csv_rows] == [r[2] for r in table["rows"]]
     assert float(csv_rows[0]["ppl@512"]) == pytest.approx(table["rows"][0][7], rel=1e-12)
     md = (out / "compare.md").read_text()
-    assert sum(line.startswith("| ") for line in md.splitlines()) == 4 and "| linear x2 | tiny-llama | linear | 2 | no | truncate |" in md
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 4
+    assert "| linear x2 | tiny-llama | linear | 2 | no | truncate |" in md
     assert "- truncate:" in md and "- passkey:" in md  # the definitions travel with the numbers
 
     ppl_png, pk_png = imread(out / "perplexity.png"), imread(out / "passkey.png")

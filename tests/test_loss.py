@@ -143,7 +143,8 @@ def test_tiny_model_loss_and_all_gradients_match_hf_loss(name):
 
 def test_peft_lora_model_is_unwrapped_and_adapter_grads_match():
     model = load_model("tiny-llama")
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
     decoder, head = causal_lm_parts(lora)
     assert decoder is model.model and head is model.lm_head
     gen = torch.Generator().manual_seed(4)

@@ -12,8 +12,8 @@ Each line of the plan is one kind of memory, in bytes per GPU (docs/launch.md de
 - gradients (fp32, trainable only; split for ZeRO >= 2) and AdamW's two fp32 moments (split for ZeRO >= 1); the
   offload configs move them (and, for ``offload_param``, the weights) to CPU memory.
 - activations with gradient checkpointing: every decoder layer's input is kept, and with
-  ``train.checkpoint_keep_attention`` (sdpa / flash) its attention output and log-sum-exp; one layer at a time is recomputed in
-  the backward, with the tensors autograd saves for it (counted from what PyTorch actually saves, see
+  ``train.checkpoint_keep_attention`` (sdpa / flash) its attention output and log-sum-exp; one layer at a time is
+  recomputed in the backward, with the tensors autograd saves for it (counted from what PyTorch actually saves, see
   ``layer_activation_bytes``) and its gradients. sdpa and flash attention add no L x L term; ``eager`` keeps the
   attention probabilities (heads x L^2); a document mask (``data.block_cross_doc`` with sdpa/eager) is L^2.
 - the loss: the final hidden states and the chunked LM head (``models.loss``: 3 x chunk x vocab fp32 floats).
