@@ -153,13 +153,44 @@ def plot(path: str | Path, head_dim: int, base: float, original_len: int, method
     return path
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """The model's RoPE on the command line (``inspect`` and ``plan``): --model, or --head-dim/--base/--original."""
     src = p.add_argument_group("the model's RoPE: --model, or --head-dim/--base/--original")
     src.add_argument("--model", help="model name or folder (a tiny preset, smollm2-135m, a local folder, a hub id)")
     src.add_argument("--head-dim", type=int)
     src.add_argument("--base", type=float, help="rope_theta")
     src.add_argument("--original", type=int, help="original context length L (with --model: overrides the config)")
     src.add_argument("--partial-rotary-factor", type=float, default=None)
+
+
+def rope_source(a: argparse.Namespace, load_config) -> tuple[dict, dict | None]:
+    """``(head_dim, base, original_len, partial_rotary_factor)`` as a dict from ``add_source_arguments``' flags, and
+    the RoPE settings already in the config of ``--model`` (None without it); ``load_config(name)`` reads that
+    config."""
+    if a.model:
+        if a.head_dim is not None or a.base is not None:
+            raise RopeConfigError("give either --model or --head-dim/--base/--original, not both")
+        config = load_config(a.model)
+        cur = rope_of(config)
+        try:
+            L = a.original if a.original is not None else original_context(config)
+        except RopeConfigError as e:
+            raise RopeConfigError(f"{e} (on the command line: --original)") from e
+        return dict(head_dim=head_dim_of(config), base=cur["rope_theta"], original_len=L,
+                    partial_rotary_factor=a.partial_rotary_factor or partial_rotary_factor_of(config)), cur
+    missing = [f"--{n}" for n, v in (("head-dim", a.head_dim), ("base", a.base), ("original", a.original))
+               if v is None]
+    if missing:
+        raise RopeConfigError(f"without --model, give {' '.join(missing)}")
+    if a.head_dim < 2 or a.head_dim % 2 or a.base <= 1 or a.original < 1:
+        raise RopeConfigError(f"--head-dim must be an even number >= 2, --base above 1 and --original at least 1 "
+                              f"(got {a.head_dim}, {a.base:g}, {a.original})")
+    return dict(head_dim=a.head_dim, base=a.base, original_len=a.original,
+                partial_rotary_factor=a.partial_rotary_factor or 1.0), None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_source_arguments(p)
     p.add_argument("--method", help=f"one of {', '.join(ROPE_METHODS)} (default with --model: the model's own)")
     p.add_argument("--factor", type=float, help="target length / L (default with --model: the model's own)")
     p.add_argument("--params", default=None, help='method parameters as JSON, e.g. \'{"beta_fast": 16}\'')
@@ -178,28 +209,16 @@ def _resolve(a: argparse.Namespace, load_config) -> dict:
             params = json.loads(a.params)
         except json.JSONDecodeError as e:
             raise RopeConfigError(f"--params is not valid JSON ({e}); e.g. --params '{{\"beta_fast\": 16}}'") from e
-    if a.model:
-        if a.head_dim is not None or a.base is not None:
-            raise RopeConfigError("give either --model or --head-dim/--base/--original, not both")
-        config = load_config(a.model)
-        cur = rope_of(config)
+    src, cur = rope_source(a, load_config)
+    if cur is not None:
         if (a.method is None) != (a.factor is None):
             raise RopeConfigError("give --method and --factor together (or neither, to inspect the model's own)")
         if a.method is None:
             a.method, a.factor, params = cur["method"], cur["factor"], cur["params"]
-        try:
-            L = a.original if a.original is not None else original_context(config)
-        except RopeConfigError as e:
-            raise RopeConfigError(f"{e} (on the command line: --original)") from e
-        return dict(head_dim=head_dim_of(config), base=cur["rope_theta"], original_len=L, method=a.method,
-                    factor=a.factor, params=params, partial_rotary_factor=a.partial_rotary_factor
-                    or partial_rotary_factor_of(config))
-    missing = [f"--{n}" for n, v in (("head-dim", a.head_dim), ("base", a.base), ("original", a.original),
-                                      ("method", a.method), ("factor", a.factor)) if v is None]
+    missing = [f"--{n}" for n, v in (("method", a.method), ("factor", a.factor)) if v is None]
     if missing:
         raise RopeConfigError(f"without --model, give {' '.join(missing)}")
-    return dict(head_dim=a.head_dim, base=a.base, original_len=a.original, method=a.method, factor=a.factor,
-                params=params, partial_rotary_factor=a.partial_rotary_factor or 1.0)
+    return dict(src, method=a.method, factor=a.factor, params=params)
 
 
 def run(a: argparse.Namespace, load_config=None) -> int:

@@ -1,0 +1,201 @@
+"""Choosing a method and a scale factor before training: the theory part of ``python -m ropescale plan``.
+
+For a model's RoPE (head dimension, base, original length L) and a target length T, every candidate method at a
+small grid of factors around the nominal s = T / L is described by ``ropescale.theory``: how many rotary pairs go
+out of bound at T, the effective extension, the factor the method must be set to for T, the attention scale and
+the adjacent-token resolution; for the model as a whole, Liu et al.'s critical dimension and the base a plain base
+change needs for T, and Men et al.'s base lower bound for T. ``write_report`` turns it into ``plan.md``, ``plan.json``
+and two pictures (angle coverage per dimension, similarity kernels).
+
+    python -m ropescale plan --model smollm2-135m --target 16384 --theory-only
+    python -m ropescale plan --head-dim 128 --base 10000 --original 4096 --target 32768 --theory-only --json
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ropescale import theory
+from ropescale.methods import ROPE_METHODS, RopeConfigError, rotary_dim, validate_method
+from utils.files import save_figure, write_json, write_atomic
+
+DEFAULT_METHODS = ("linear", "ntk_aware", "ntk_by_parts", "yarn")
+DEFAULT_MULTIPLIERS = (1.0, 1.25, 1.5, 2.0)  # times the nominal factor T / L
+
+
+def candidates(original_len: int, target: int, methods: tuple[str, ...] = DEFAULT_METHODS,
+               factors: tuple[float, ...] | None = None) -> list[tuple[str, float]]:
+    """(method, factor) pairs: ``factors`` as given, else the nominal T / L times each of ``DEFAULT_MULTIPLIERS``."""
+    if target < original_len:
+        raise RopeConfigError(f"--target {target} is below the original length {original_len}: a plan extends a "
+                              "context; give a target above it")
+    for m in methods:
+        if m not in ROPE_METHODS:
+            validate_method(m, 1.0, {}, original_len)  # raises with the closest name
+        if ROPE_METHODS[m].required:
+            raise RopeConfigError(f"method '{m}' needs parameters ({', '.join(ROPE_METHODS[m].required)}) a plan "
+                                  "cannot choose; plan it with inspect --params, or leave it out of --methods")
+    nominal = target / original_len
+    grid = factors or tuple(round(nominal * k, 4) for k in DEFAULT_MULTIPLIERS)
+    bad = [f for f in grid if not (isinstance(f, (int, float)) and 1 <= f <= 1e4)]
+    if bad:
+        raise RopeConfigError(f"--factors must be numbers from 1 to 10000 (got {bad})")
+    return [(m, float(f)) for m in methods for f in grid]
+
+
+def theory_plan(head_dim: int, base: float, original_len: int, target: int,
+                methods: tuple[str, ...] = DEFAULT_METHODS, factors: tuple[float, ...] | None = None,
+                partial_rotary_factor: float = 1.0, base_bound: bool = True) -> dict:
+    """The whole theory part as one JSON-able dict: ``model`` (critical dimension, base for T, base lower bound),
+    ``candidates`` (one ``theory.method_theory`` per (method, factor), rows included)."""
+    dim = rotary_dim(head_dim, partial_rotary_factor)
+    grid = candidates(original_len, target, methods, factors)
+    per = [theory.method_theory(head_dim, base, original_len, target, m, f, None, partial_rotary_factor)
+           for m, f in grid]
+    model = {
+        "head_dim": head_dim, "rotary_dim": dim, "base": base, "original_len": original_len, "target": target,
+        "nominal_factor": target / original_len,
+        "critical_dim": theory.critical_dim(dim, base, original_len),
+        "theta_for_target": theory.theta_for_target(dim, base, original_len, target),
+        # Men et al.: the base the target itself asks for, beside the model's own (None: not computed)
+        "base_lower_bound": theory.base_lower_bound(dim, target, start=100.0) if base_bound else None,
+    }
+    return {"model": model, "candidates": per}
+
+
+def summary_rows(plan: dict) -> list[dict]:
+    """One row per candidate, without the per-pair rows."""
+    return [{k: v for k, v in c.items() if k != "rows"} for c in plan["candidates"]]
+
+
+def format_markdown(plan: dict, command: str) -> str:
+    """``plan.md``: the command, the model's numbers, the candidates' table, the pictures and how to read them."""
+    m = plan["model"]
+    bound = m["base_lower_bound"]
+    lines = [
+        f"# RoPE plan: L = {m['original_len']} -> target {m['target']} (nominal s = {m['nominal_factor']:g})", "",
+        f"`{command}`", "",
+        f"- rotary dimension {m['rotary_dim']} (head_dim {m['head_dim']}), base {m['base']:g}",
+        f"- critical dimension (Liu et al. 2023): {m['critical_dim']} of {m['rotary_dim']} channels turn within L; "
+        f"a plain base change reaches the target with base >= {m['theta_for_target']:.4g}",
+        "- base lower bound for the target (Men et al. 2024, sum of cos(m theta_i) >= 0 up to the target): "
+        + (f"{bound:.3g} (the model's base is {'above' if m['base'] >= bound else 'below'} it)" if bound
+           else "not computed"),
+        "", "| method | s | out-of-bound pairs at target | effective extension | s needed for target | "
+        "attention scale | adjacent-angle resolution |", "|---|---|---|---|---|---|---|",
+    ]
+    for c in summary_rows(plan):
+        ext = "unbounded" if c["effective_extension"] is None else f"{c['effective_extension']:,}"
+        need = "none reaches it" if c["factor_for_target"] is None else f"{c['factor_for_target']:.4g}"
+        lines.append(f"| {c['method']} | {c['factor']:g} | {c['out_of_bound']} | {ext} | {need} | "
+                     f"{c['attention_scale']:.4g} | {c['adjacent_resolution']:.3f} |")
+    lines += [
+        "", "How to read it: a pair is out of bound when it never made a full turn within L and the scaled angles at "
+        "the target pass the arc it saw; the effective extension is the longest length with no such pair; the "
+        "adjacent-angle resolution is the mean over pairs of theta'/theta (1: neighbouring tokens as distinct as in "
+        "training; PI divides every pair by s, by-parts methods keep the fast ones).", "",
+        "![angle coverage](coverage.png)", "", "![similarity kernels](kernel.png)", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_coverage(plan: dict, path: Path) -> Path:
+    """One page: the share of the circle each pair's rotation covers within L (trained) and within the target, per
+    method at its first factor; out-of-bound pairs marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = plan["model"]
+    firsts = {}
+    for c in plan["candidates"]:
+        firsts.setdefault(c["method"], c)
+    fig, ax = plt.subplots(figsize=(10, 6))
+    rows0 = plan["candidates"][0]["rows"]
+    idx = [r["index"] for r in rows0]
+    ax.plot(idx, [r["coverage_L"] for r in rows0], "k-", lw=2.5, label=f"trained: within L = {m['original_len']}")
+    ax.plot(idx, [min(1.0, r["turns_L"] * m["target"] / m["original_len"]) for r in rows0], "k:",
+            label="no scaling, within the target")
+    for k, (name, c) in enumerate(firsts.items()):
+        cov = [r["coverage_target"] for r in c["rows"]]
+        ax.plot(idx, cov, "--", color=f"C{k}", label=f"{name} x{c['factor']:g}, within the target")
+        oob = [r["index"] for r in c["rows"] if r["out_of_bound"]]
+        ax.plot(oob, [cov[i] for i in oob], "x", color=f"C{k}", ms=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("rotary pair i (high frequency -> low frequency)")
+    ax.set_ylabel("share of the circle covered (1 = every angle)")
+    ax.set_title(f"Angle coverage per pair, L = {m['original_len']} -> {m['target']}; x: out of bound (angles never "
+                 "seen in training)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        save_figure(fig, path, tight=False)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def binned_kernel(theta: torch.Tensor, target: int, bins: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(centers, K)``: K(m) at every distance 1 .. ``target`` averaged over ``bins`` log-spaced bins (the raw
+    curve oscillates too fast to read); float64 ``[<= bins]`` each (empty bins dropped)."""
+    dist = torch.arange(1, target + 1, dtype=torch.float64)
+    k = torch.cat([theory.kernel(theta, d) for d in dist.split(8192)])
+    edges = torch.logspace(0, math.log10(target + 1), bins + 1, dtype=torch.float64)
+    which = torch.bucketize(dist, edges, right=True) - 1
+    centers, means = [], []
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            centers.append(float(dist[sel].mean()))
+            means.append(float(k[sel].mean()))
+    return torch.tensor(centers, dtype=torch.float64), torch.tensor(means, dtype=torch.float64)
+
+
+def plot_kernels(plan: dict, path: Path) -> Path:
+    """One page: K(m) = mean cos(m theta'_i) against distance m up to the target (averaged over log-spaced bins),
+    per method at its first factor, with the unscaled model's curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = plan["model"]
+    fig, ax = plt.subplots(figsize=(10, 6))
+    base_theta = torch.tensor([r["adjacent_angle"] for r in plan["candidates"][0]["rows"]], dtype=torch.float64)
+    ax.plot(*binned_kernel(base_theta, m["target"]), "k-", lw=2, label="unscaled")
+    firsts = {}
+    for c in plan["candidates"]:
+        firsts.setdefault(c["method"], c)
+    for k, (name, c) in enumerate(firsts.items()):
+        scaled = torch.tensor([r["adjacent_angle_scaled"] for r in c["rows"]], dtype=torch.float64)
+        ax.plot(*binned_kernel(scaled, m["target"]), "--", color=f"C{k}", label=f"{name} x{c['factor']:g}")
+    ax.axvline(m["original_len"], color="grey", ls=":", label=f"L = {m['original_len']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("distance m (tokens)")
+    ax.set_ylabel("K(m) = mean over pairs of cos(m theta_i)")
+    ax.set_title("Similarity kernel (RoPE's long-term decay) per method, mean over log-spaced bins of distance",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        save_figure(fig, path, tight=False)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_report(plan: dict, out: str | Path, command: str) -> Path:
+    """``plan.json`` (everything), ``plan.md`` and the two PNGs into ``out`` (created); returns ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "plan.json", {"command": command, **plan})
+    plot_coverage(plan, out / "coverage.png")
+    plot_kernels(plan, out / "kernel.png")
+    write_atomic(out / "plan.md", format_markdown(plan, command))
+    return out

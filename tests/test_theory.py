@@ -1,0 +1,118 @@
+"""ropescale.theory against hand computations, the papers' numbers and brute-force scans of the angles."""
+
+import math
+
+import pytest
+import torch
+
+from ropescale import theory
+from ropescale.methods import RopeConfigError
+
+LLAMA2 = dict(head_dim=128, base=10000.0, original_len=4096)
+
+
+def test_critical_dimension_of_llama2_is_92():
+    # Liu et al. 2023, section 3: d_extra = 2 ceil(64 log_1e4(4096 / 2 pi)) = 2 ceil(45.03) = 92 for Llama 2.
+    assert theory.critical_dim(**LLAMA2) == 92
+    # a base so small that every wavelength fits in L: all channels
+    assert theory.critical_dim(128, 10.0, 4096) == 128
+
+
+def test_theta_for_target_reaches_the_target_with_the_critical_dimension():
+    b = theory.theta_for_target(**LLAMA2, target=32768)
+    # by hand: (32768 / 2 pi)^(128 / 92)
+    assert b == pytest.approx((32768 / (2 * math.pi)) ** (128 / 92))
+    # the critical channel's wavelength under the new base is the target (Liu et al.'s extrapolation limit)
+    assert 2 * math.pi * b ** (92 / 128) == pytest.approx(32768)
+
+
+def _brute_force_extension(theta, scaled, L, limit):
+    """The first length n at which some pair that never turned within L reaches an angle beyond any it saw: every
+    integer position's angle is computed (no closed form)."""
+    seen = torch.arange(L + 1, dtype=torch.float64)[:, None] * theta  # angles at positions 0..L
+    unturned = seen.max(0).values < 2 * math.pi
+    trained_max = seen.max(0).values
+    for n in range(L, limit):
+        reached = n * scaled  # the newest position's angle; earlier ones were checked at smaller n
+        if (unturned & (reached > trained_max * (1 + 1e-6))).any():
+            return n - 1
+    return None
+
+
+@pytest.mark.parametrize("factor,alpha", [(4.0, 1.0), (8.0, 1.0), (4.0, 1.5)])
+def test_ntk_aware_effective_extension_matches_a_brute_force_scan(factor, alpha):
+    args = dict(head_dim=32, base=10000.0, original_len=256)
+    theta, scaled = theory.frequencies(**args, method="ntk_aware", factor=factor, params={"alpha": alpha})
+    brute = _brute_force_extension(theta, scaled, 256, limit=round(256 * factor * alpha) + 10)
+    got = theory.effective_extension(**args, method="ntk_aware", factor=factor, params={"alpha": alpha})
+    assert got == brute
+    # NTK-aware falls short of s L (only its last pair is divided by s) unless alpha makes up for it
+    if alpha == 1.0:
+        assert got < 256 * factor
+
+
+def test_ntk_aware_needs_a_larger_factor_and_the_closed_form_agrees():
+    # NTK-aware divides pair i by lambda^i, lambda = s^(2/(d-2)); the first unturned pair (i_c = 46 for Llama 2)
+    # bounds it: L lambda^i_c >= T  <=>  s >= (T/L)^((d-2) / (2 i_c)).
+    theta, _ = theory.frequencies(**LLAMA2, method="none", factor=1.0)
+    i_c = int((~(4096 * theta >= 2 * math.pi)).nonzero()[0])
+    assert i_c == 46
+    s = theory.factor_for_target(**LLAMA2, method="ntk_aware", target=16384)
+    assert s == pytest.approx(4 ** (126 / (2 * i_c)), rel=2e-3)
+    assert s > 6  # far above the nominal 4
+    ext = theory.effective_extension(**LLAMA2, method="ntk_aware", factor=s)
+    assert ext >= 16384
+
+
+@pytest.mark.parametrize("method", ["linear", "ntk_by_parts", "yarn", "llama3"])
+def test_interpolating_methods_reach_s_times_L_with_no_pair_out_of_bound(method):
+    t = theory.method_theory(**LLAMA2, target=16384, method=method, factor=4.0)
+    assert t["out_of_bound"] == 0
+    assert t["effective_extension"] == 16384
+    assert t["factor_for_target"] == 4.0
+
+
+def test_plain_rope_and_a_base_change():
+    t = theory.method_theory(**LLAMA2, target=16384, method="none", factor=4.0)
+    assert t["effective_extension"] == 4096 and t["factor_for_target"] is None  # extrapolation: the factor is moot
+    assert t["out_of_bound"] == sum(r["turns_L"] < 1 for r in t["rows"]) == 64 - 46
+    big = theory.method_theory(**LLAMA2, target=16384, method="theta", factor=4.0, params={"rope_theta": 1e6})
+    assert big["out_of_bound"] == 0  # every unturned pair is slowed by at least 4 x with base 1e6
+
+
+def test_rows_and_local_resolution():
+    t = theory.method_theory(**LLAMA2, target=16384, method="linear", factor=4.0)
+    assert t["adjacent_resolution"] == pytest.approx(0.25)  # PI divides every adjacent-token angle by s
+    by_parts = theory.method_theory(**LLAMA2, target=16384, method="ntk_by_parts", factor=4.0)
+    assert by_parts["adjacent_resolution"] > 0.6  # the fast pairs keep their angle
+    row = by_parts["rows"][0]
+    assert row["adjacent_angle"] == row["adjacent_angle_scaled"] == pytest.approx(1.0)  # theta_0 = 1 is kept
+    assert row["coverage_L"] == 1.0 and row["turns_L"] == pytest.approx(4096 / (2 * math.pi))
+    last = by_parts["rows"][-1]
+    assert last["coverage_target"] == pytest.approx(last["coverage_L"], rel=1e-6)  # interpolated exactly
+    assert last["coverage_L"] < 1
+
+
+def test_kernel_starts_at_one_and_decays():
+    theta, scaled = theory.frequencies(**LLAMA2, method="yarn", factor=4.0)
+    k = theory.kernel(scaled, torch.tensor([0.0, 10.0, 1000.0]))
+    assert k[0] == pytest.approx(1.0) and k[1] < 1 and abs(k[2]) < k[1]
+
+
+def test_decay_criterion_by_hand():
+    # d = 2: B(m) = cos(m) whatever the base (theta_0 = 1): it holds for m = 0, 1 and fails at m = 2.
+    assert theory.satisfies_decay(2, 10.0, 2) and not theory.satisfies_decay(2, 10.0, 3)
+    assert theory.base_lower_bound(2, 3, stop=1e6) is None
+    b = theory.base_lower_bound(16, 64)
+    assert theory.satisfies_decay(16, b, 64) and not theory.satisfies_decay(16, b / 1.01, 64)
+    exponents = -torch.arange(0, 16, 2, dtype=torch.float64) / 16
+    assert theory.decay_sum(b**exponents, 64).min() >= 0 > theory.decay_sum((b / 1.01) ** exponents, 64).min()
+
+
+def test_bad_input_is_one_clear_error():
+    with pytest.raises(RopeConfigError, match="below the original length"):
+        theory.factor_for_target(**LLAMA2, method="yarn", target=1000)
+    with pytest.raises(RopeConfigError, match="unknown RoPE method"):
+        theory.method_theory(**LLAMA2, target=8192, method="yarm", factor=2.0)
+    with pytest.raises(RopeConfigError, match="step > 1"):
+        theory.base_lower_bound(128, 4096, step=1.0)
