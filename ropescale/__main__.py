@@ -12,10 +12,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from eval.candidates import recommend, score_candidates
+from eval.perplexity import load_texts
 from models.load import load_config
 from ropescale import inspect, plan
 from ropescale.methods import RopeConfigError
 from utils.cli import UserError, run_cli
+from utils.files import write_atomic
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,29 +28,60 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factors", default=None,
                    help="comma-separated scale factors (default: 1, 1.25, 1.5 and 2 x target / L)")
     p.add_argument("--theory-only", action="store_true",
-                   help="the numbers from the config alone (no forward pass)")
+                   help="the numbers from the config alone (no forward pass); --head-dim/--base/--original need it")
+    m = p.add_argument_group("the measured part (training-free scoring; needs --model)")
+    m.add_argument("--data", nargs="+", default=["bundled"],
+                   help="held-out text: 'bundled' (the bundled held-out book), .txt/.jsonl files, or a dataset")
+    m.add_argument("--windows", type=int, default=1, help="windows of --target tokens scored per candidate")
+    m.add_argument("--buckets", type=int, default=16, help="position buckets of the loss curve")
+    m.add_argument("--tolerance", type=float, default=0.1,
+                   help="nats above the unscaled native loss that end the effective context (default 0.1)")
+    m.add_argument("--native-tolerance", type=float, default=0.05,
+                   help="largest native-window cost (nats) a recommended factor may have (default 0.05)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    m.add_argument("--sweep-base", default=None, metavar="YAML",
+                   help="a run config whose recipe fine-tunes the top candidates: writes --out/sweep.yaml")
     p.add_argument("--no-base-bound", action="store_true",
-                   help="skip Men et al.'s base lower bound (a scan of bases; about a minute at 32k)")
+                   help="skip Men et al.'s base lower bound (a scan of bases: 7.5 s for head_dim 128 at 32k)")
     p.add_argument("--out", default=None, help="folder for plan.md, plan.json and the pictures")
     p.add_argument("--json", action="store_true", help="print the whole result as one JSON line last")
 
 
 def run_plan(a: argparse.Namespace) -> int:
-    if not a.theory_only:
-        raise UserError("plan: the measured part (training-free scoring at the target length) is not built yet; "
-                        "run with --theory-only")
     try:
         factors = tuple(float(x) for x in a.factors.split(",")) if a.factors else None
     except ValueError:
         raise RopeConfigError(f"--factors must be comma-separated numbers (got {a.factors!r})") from None
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    if not a.theory_only and not a.model:
+        raise UserError("plan: the measured part scores a model: give --model, or --theory-only")
+    if a.sweep_base and (a.theory_only or not a.out):
+        raise UserError("plan: --sweep-base needs the measured part and --out (the sweep is written there)")
+    if a.sweep_base and not Path(a.sweep_base).is_file():
+        raise UserError(f"plan: --sweep-base {a.sweep_base} not found (a run config such as "
+                        "configs/smollm2/yarn_16k.yaml)")
     source, _ = inspect.rope_source(a, load_config)
     result = plan.theory_plan(**source, target=a.target, methods=methods, factors=factors,
                               base_bound=not a.no_base_bound)
+    if not a.theory_only:
+        texts, desc = load_texts(a.data)
+        grid = plan.candidates(source["original_len"], a.target, methods, factors)
+        rows = score_candidates(a.model, grid, texts, a.target, source["original_len"], windows=a.windows,
+                                n_buckets=a.buckets, tolerance=a.tolerance, dtype=a.dtype)
+        result["measured"] = {"data": desc, "windows": a.windows, "tolerance": a.tolerance,
+                              "native_tolerance": a.native_tolerance, "dtype": a.dtype, "rows": rows}
+        result["recommendation"] = recommend(rows, a.native_tolerance)
+        if a.sweep_base:
+            path = Path(a.out) / "sweep.yaml"
+            result["sweep"] = {"path": str(path), "command": f"python launch/sweep.py --config {path}"}
     command = "python -m ropescale plan " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [])
     print(plan.format_markdown(result, command).split("\n\nHow to read it")[0])
     if a.out:
         print(f"report: {plan.write_report(result, Path(a.out), command) / 'plan.md'}")
+        if a.sweep_base:
+            write_atomic(Path(result["sweep"]["path"]),
+                         plan.sweep_yaml(result, a.sweep_base, result["sweep"]["path"]))
+            print(f"sweep: {result['sweep']['path']}; next: {result['sweep']['command']}")
     if a.json:
         print(json.dumps(result))
     return 0

@@ -1,13 +1,16 @@
-"""Choosing a method and a scale factor before training: the theory part of ``python -m ropescale plan``.
+"""Choosing a method and a scale factor before training: ``python -m ropescale plan`` (its report and theory).
 
-For a model's RoPE (head dimension, base, original length L) and a target length T, every candidate method at a
-small grid of factors around the nominal s = T / L is described by ``ropescale.theory``: how many rotary pairs go
-out of bound at T, the effective extension, the factor the method must be set to for T, the attention scale and
-the adjacent-token resolution; for the model as a whole, Liu et al.'s critical dimension and the base a plain base
-change needs for T, and Men et al.'s base lower bound for T. ``write_report`` turns it into ``plan.md``, ``plan.json``
-and two pictures (angle coverage per dimension, similarity kernels).
+Theory (this module, from the RoPE settings alone): every candidate method at a small grid of factors around the
+nominal s = T / L is described by ``ropescale.theory``: rotary pairs out of bound at the target T, the effective
+extension, the factor the method needs for T, the attention scale, the adjacent-token resolution; for the model,
+Liu et al.'s critical dimension and the base a plain base change needs for T, and Men et al.'s base lower bound.
+Measurement (``eval.candidates``, run by the command when ``--theory-only`` is not given): each candidate scored
+training-free on held-out text at T, and a recommendation per method, ranked. ``write_report`` writes ``plan.md``,
+``plan.json`` and the pictures (angle coverage per pair, similarity kernels, measured loss by position);
+``sweep_yaml`` turns the top candidates into a launch/sweep.py config.
 
-    python -m ropescale plan --model smollm2-135m --target 16384 --theory-only
+    python -m ropescale plan --model smollm2-135m --target 16384 --dtype bfloat16 --out results/plan/smollm2-16k
+    python -m ropescale plan --model smollm2-135m --target 32768 --theory-only
     python -m ropescale plan --head-dim 128 --base 10000 --original 4096 --target 32768 --theory-only --json
 """
 
@@ -20,7 +23,7 @@ import torch
 
 from ropescale import theory
 from ropescale.methods import ROPE_METHODS, RopeConfigError, rotary_dim, validate_method
-from utils.files import save_figure, write_json, write_atomic
+from utils.files import save_figure, write_atomic, write_json
 
 DEFAULT_METHODS = ("linear", "ntk_aware", "ntk_by_parts", "yarn")
 DEFAULT_MULTIPLIERS = (1.0, 1.25, 1.5, 2.0)  # times the nominal factor T / L
@@ -92,6 +95,8 @@ def format_markdown(plan: dict, command: str) -> str:
         need = "none reaches it" if c["factor_for_target"] is None else f"{c['factor_for_target']:.4g}"
         lines.append(f"| {c['method']} | {c['factor']:g} | {c['out_of_bound']} | {ext} | {need} | "
                      f"{c['attention_scale']:.4g} | {c['adjacent_resolution']:.3f} |")
+    if "measured" in plan:
+        lines += measured_markdown(plan)
     lines += [
         "", "How to read it: a pair is out of bound when it never made a full turn within L and the scaled angles at "
         "the target pass the arc it saw; the effective extension is the longest length with no such pair; the "
@@ -100,6 +105,95 @@ def format_markdown(plan: dict, command: str) -> str:
         "![angle coverage](coverage.png)", "", "![similarity kernels](kernel.png)", "",
     ]
     return "\n".join(lines)
+
+
+def measured_markdown(plan: dict) -> list[str]:
+    """The measured part of ``plan.md``: the recommendation, then every candidate's numbers."""
+    ms, L = plan["measured"], plan["model"]["original_len"]
+    lines = ["", f"## Measured: training-free loss at {plan['model']['target']:,} tokens", "",
+             f"Data: {ms['data']}; {ms['windows']} window(s) of {plan['model']['target']:,} tokens; native cost = "
+             f"mean loss over positions below L = {L:,} minus the unscaled model's; effective context: the start of "
+             f"the first position bucket past L whose loss exceeds the unscaled model's loss over positions L/2..L-1 "
+             f"by more than {ms['tolerance']:g} nats.", "", "### Recommendation", "",
+             "| rank | method | s | why |", "|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['method']} | {r['factor']:g} | {r['why']} |" for r in plan["recommendation"]]
+    ref = ms["rows"][0]
+    better = [r["method"] for r in plan["recommendation"] if r["target_nll"] < ref["target_nll"]]
+    lines += ["", f"The unscaled model (plain RoPE extrapolating past L) scores {ref['target_nll']:.4f} at the target "
+              f"with effective context {ref['effective_context']:,}; "
+              + (f"recommended methods that beat it: {', '.join(better)}." if better else
+                 "no scaled candidate beats it training-free here; the ranking orders the scaled methods only.")]
+    lines += ["", f"Native-cost limit for a recommendation: {ms['native_tolerance']:g} nats (a method whose every "
+              "factor costs more is still ranked, at its best factor).", "",
+              "| method | s | loss at target | ppl at target | native cost (nats) | effective context | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for r in ms["rows"]:
+        ppl = math.exp(r["target_nll"]) if r["target_nll"] < 700 else float("inf")
+        lines.append(f"| {r['method']} | {r['factor']:g} | {r['target_nll']:.4f} | {ppl:.3f} | "
+                     f"{r['native_cost']:+.4f} | {r['effective_context']:,} | {r['seconds']:g} |")
+    lines += ["", "![loss by position](loss_by_position.png)"]
+    if plan.get("sweep"):
+        lines += ["", f"Next step, fine-tuning the top candidates: `{plan['sweep']['command']}` "
+                  f"(`{plan['sweep']['path']}`)."]
+    return lines
+
+
+def sweep_yaml(plan: dict, base_config: str, path: str, top: int = 3) -> str:
+    """The text of a sweep config (launch/sweep.py's format, to be written at ``path``) over the ``top`` recommended
+    (method, factor) pairs on ``base_config``'s recipe (whose ``data.seq_len`` should be the plan's target)."""
+    picks = [[r["method"], r["factor"]] for r in plan["recommendation"][:top]]
+    if not picks:
+        raise RopeConfigError("the plan has no recommendation to turn into a sweep (run it without --theory-only)")
+    m = plan["model"]
+    name = f"plan-{m['original_len']}-to-{m['target']}"
+    grid = ", ".join(f"[{meth}, {fac:g}]" for meth, fac in picks)
+    return "\n".join([
+        f"# Launch:   python launch/sweep.py --config {path}",
+        f"# Override: python launch/sweep.py --config {path} --set train.max_steps=20",
+        "#",
+        f"# Written by `python -m ropescale plan` for L = {m['original_len']} -> {m['target']}: the {len(picks)} "
+        "best training-free candidates (method, s),",
+        f"# each fine-tuned with {base_config}'s recipe; see plan.md beside the plan's results for why.",
+        f"name: {name}",
+        f"base: {base_config}",
+        "grid:",
+        f'  "rope.method,rope.factor": [{grid}]',
+        "overrides:",
+        f"  output.dir: runs/sweeps/{name}",
+        "",
+    ])
+
+
+def plot_measured(plan: dict, path: Path) -> Path:
+    """One page: mean loss per position bucket of every measured candidate (and the unscaled model), L marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, rows = plan["model"], plan["measured"]["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    styles = ["-", "--", "-.", ":"]
+    for r in rows:
+        k = methods.index(r["method"])
+        same = [x for x in rows if x["method"] == r["method"]]
+        ends = [b["end"] for b in r["buckets"]]
+        ax.plot(ends, [b["nll"] for b in r["buckets"]], styles[same.index(r) % 4], color="k" if r["method"] == "none"
+                else f"C{k}", marker="o", ms=3, label=f"{r['method']} x{r['factor']:g}")
+    ax.axvline(m["original_len"], color="grey", ls=":", label=f"L = {m['original_len']}")
+    ax.set_xlabel("position (end of bucket, tokens)")
+    ax.set_ylabel("mean loss (nats)")
+    ax.set_title(f"Training-free loss by position at {m['target']:,} tokens (lower is better; past L the unscaled "
+                 "model extrapolates)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    try:
+        save_figure(fig, path, tight=True)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_coverage(plan: dict, path: Path) -> Path:
@@ -191,11 +285,14 @@ def plot_kernels(plan: dict, path: Path) -> Path:
 
 
 def write_report(plan: dict, out: str | Path, command: str) -> Path:
-    """``plan.json`` (everything), ``plan.md`` and the two PNGs into ``out`` (created); returns ``out``."""
+    """``plan.json`` (everything), ``plan.md`` and the PNGs (coverage, kernel, and loss by position when measured)
+    into ``out`` (created); returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", {"command": command, **plan})
     plot_coverage(plan, out / "coverage.png")
     plot_kernels(plan, out / "kernel.png")
+    if "measured" in plan:
+        plot_measured(plan, out / "loss_by_position.png")
     write_atomic(out / "plan.md", format_markdown(plan, command))
     return out

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ropescale import plan
 from ropescale.__main__ import main
@@ -32,8 +33,6 @@ def test_theory_plan_writes_the_report_and_prints_json(tmp_path, capsys):
 
 
 def test_binned_kernel_is_one_near_zero_and_covers_the_target():
-    import torch
-
     theta = 10000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
     centers, k = plan.binned_kernel(theta, 1000, bins=20)
     assert centers[0] == 1 and centers[-1] > 500 and len(centers) == len(k) <= 20
@@ -48,9 +47,63 @@ def test_binned_kernel_is_one_near_zero_and_covers_the_target():
     ([*SMALL, "--target", "1024", "--theory-only", "--factors", "0.5"], "error: --factors must be numbers from 1"),
     (["--head-dim", "31", "--base", "1e4", "--original", "256", "--target", "1024", "--theory-only"],
      "error: --head-dim must be an even number"),
-    ([*SMALL, "--target", "1024"], "error: plan: the measured part"),
+    ([*SMALL, "--target", "1024"], "error: plan: the measured part scores a model: give --model"),
+    ([*SMALL, "--target", "1024", "--theory-only", "--sweep-base", "x.yaml"], "error: plan: --sweep-base needs"),
 ])
 def test_bad_input_is_one_error_line(argv, fragment, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(fragment), err
+
+
+# --- the measured part ---------------------------------------------------------------------------------------------
+
+
+def _curve(levels: list[float], per: int) -> torch.Tensor:
+    return torch.cat([torch.full((per,), v, dtype=torch.float64) for v in levels])[1:]
+
+
+def test_summarize_by_hand():
+    from eval.candidates import summarize
+
+    # 8 buckets of 32 positions, L = 64: the reference settles at 3.0 in its second half
+    ref = summarize(_curve([5.0, 3.0, 3.0, 3.0, 3.5, 4.0, 5.0, 6.0], 32), 64, None, 0.1, 8)
+    assert ref["reference_loss"] == pytest.approx(3.0) and ref["native_cost"] == 0
+    assert ref["effective_context"] == 128  # the first bucket past L above 3.1 starts at 128 (loss 3.5)
+    good = summarize(_curve([5.2, 3.05, 3.0, 3.0, 3.0, 3.05, 3.0, 3.0], 32), 64, ref, 0.1, 8)
+    assert good["effective_context"] == 256  # never above 3.1 past L: the whole window
+    assert good["native_cost"] == pytest.approx(((5.2 * 31 + 3.05 * 32) / 63) - ((5.0 * 31 + 3.0 * 32) / 63))
+
+
+def test_recommend_keeps_the_native_window_and_ranks_by_target_loss():
+    from eval.candidates import recommend
+
+    rows = [dict(method="none", factor=1.0, target_nll=9.0, native_cost=0.0, effective_context=64),
+            dict(method="yarn", factor=2.0, target_nll=3.2, native_cost=0.02, effective_context=256),
+            dict(method="yarn", factor=3.0, target_nll=3.1, native_cost=0.2, effective_context=256),  # too costly
+            dict(method="linear", factor=2.0, target_nll=3.5, native_cost=0.3, effective_context=128),
+            dict(method="linear", factor=3.0, target_nll=3.6, native_cost=0.4, effective_context=128)]
+    rec = recommend(rows, native_tolerance=0.05)
+    assert [(r["rank"], r["method"], r["factor"]) for r in rec] == [(1, "yarn", 2.0), (2, "linear", 2.0)]
+    assert "native cost +0.0200" in rec[0]["why"]
+
+
+def test_measured_plan_on_a_tiny_model_writes_a_loadable_sweep(tmp_path, capsys):
+    from launch.sweep import load_sweep
+
+    out = tmp_path / "plan"
+    argv = ["plan", "--model", "tiny-llama", "--target", "512", "--methods", "linear,yarn", "--factors", "2,3",
+            "--no-base-bound", "--buckets", "4", "--out", str(out), "--sweep-base", "configs/cpu_tiny.yaml",
+            "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = result["measured"]["rows"]
+    assert [(r["method"], r["factor"]) for r in rows] == [("none", 1.0), ("linear", 2.0), ("linear", 3.0),
+                                                          ("yarn", 2.0), ("yarn", 3.0)]
+    assert all(len(r["buckets"]) == 4 and r["buckets"][-1]["end"] == 512 for r in rows)
+    assert {r["method"] for r in result["recommendation"]} == {"linear", "yarn"}
+    assert (out / "loss_by_position.png").stat().st_size > 0
+    assert "## Measured" in (out / "plan.md").read_text()
+    sweep = load_sweep(out / "sweep.yaml")
+    picks = [[r["method"], r["factor"]] for r in result["recommendation"]]
+    assert sweep.base == "configs/cpu_tiny.yaml" and list(sweep.grid.values()) == [picks]
