@@ -164,13 +164,35 @@ def sweep_yaml(plan: dict, base_config: str, path: str, top: int = 3) -> str:
     ])
 
 
-def plot_measured(plan: dict, path: Path) -> Path:
-    """One page: mean loss per position bucket of every measured candidate (and the unscaled model), L marked."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use: theory alone needs no plotting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _first_per_method(plan: dict) -> dict[str, dict]:
+    """Each method's first candidate (its smallest factor on the default grid): what the theory pictures draw."""
+    firsts: dict[str, dict] = {}
+    for c in plan["candidates"]:
+        firsts.setdefault(c["method"], c)
+    return firsts
+
+
+def _save(fig, path: Path, plt, tight: bool = False) -> Path:
+    try:
+        save_figure(fig, path, tight=tight)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_measured(plan: dict, path: Path) -> Path:
+    """One page: mean loss per position bucket of every measured candidate (and the unscaled model), L marked."""
+    plt = _pyplot()
     m, rows = plan["model"], plan["measured"]["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, ax = plt.subplots(figsize=(11, 6.5))
@@ -189,25 +211,15 @@ def plot_measured(plan: dict, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    try:
-        save_figure(fig, path, tight=True)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path, plt, tight=True)
 
 
 def plot_coverage(plan: dict, path: Path) -> Path:
     """One page: the share of the circle each pair's rotation covers within L (trained) and within the target, per
     method at its first factor; out-of-bound pairs marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     m = plan["model"]
-    firsts = {}
-    for c in plan["candidates"]:
-        firsts.setdefault(c["method"], c)
+    firsts = _first_per_method(plan)
     fig, ax = plt.subplots(figsize=(10, 6))
     rows0 = plan["candidates"][0]["rows"]
     idx = [r["index"] for r in rows0]
@@ -227,11 +239,7 @@ def plot_coverage(plan: dict, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        save_figure(fig, path, tight=False)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def binned_kernel(theta: torch.Tensor, target: int, bins: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,18 +261,12 @@ def binned_kernel(theta: torch.Tensor, target: int, bins: int = 100) -> tuple[to
 def plot_kernels(plan: dict, path: Path) -> Path:
     """One page: K(m) = mean cos(m theta'_i) against distance m up to the target (averaged over log-spaced bins),
     per method at its first factor, with the unscaled model's curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     m = plan["model"]
     fig, ax = plt.subplots(figsize=(10, 6))
     base_theta = torch.tensor([r["adjacent_angle"] for r in plan["candidates"][0]["rows"]], dtype=torch.float64)
     ax.plot(*binned_kernel(base_theta, m["target"]), "k-", lw=2, label="unscaled")
-    firsts = {}
-    for c in plan["candidates"]:
-        firsts.setdefault(c["method"], c)
+    firsts = _first_per_method(plan)
     for k, (name, c) in enumerate(firsts.items()):
         scaled = torch.tensor([r["adjacent_angle_scaled"] for r in c["rows"]], dtype=torch.float64)
         ax.plot(*binned_kernel(scaled, m["target"]), "--", color=f"C{k}", label=f"{name} x{c['factor']:g}")
@@ -277,11 +279,7 @@ def plot_kernels(plan: dict, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        save_figure(fig, path, tight=False)
-    finally:
-        plt.close(fig)
-    return path
+    return _save(fig, path, plt)
 
 
 def write_report(plan: dict, out: str | Path, command: str) -> Path:
