@@ -107,3 +107,12 @@ def test_measured_plan_on_a_tiny_model_writes_a_loadable_sweep(tmp_path, capsys)
     sweep = load_sweep(out / "sweep.yaml")
     picks = [[r["method"], r["factor"]] for r in result["recommendation"]]
     assert sweep.base == "configs/cpu_tiny.yaml" and list(sweep.grid.values()) == [picks]
+
+
+def test_a_model_without_rope_is_one_error_line(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1).save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--target", "4096", "--theory-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not use rotary position embeddings" in err[0]
