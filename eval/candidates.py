@@ -21,17 +21,9 @@ from __future__ import annotations
 import torch
 
 from eval.common import EvalError, Timer, load_eval_model, log
-from eval.perplexity import position_buckets, score, tokenize_documents
+from eval.perplexity import position_buckets, score, token_stream, tokenize_documents
 
 REFERENCE = ("none", 1.0)
-
-
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """The documents' tokens end to end (EOS between documents): long ``[n]``."""
-    ids: list[int] = []
-    for doc in tokenize_documents(tokenizer, texts):
-        ids += doc + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    return torch.tensor(ids)
 
 
 def position_nll(model, ids: torch.Tensor, length: int, windows: int, chunk_size: int = 1024) -> torch.Tensor:
@@ -82,7 +74,8 @@ def score_candidates(spec: str, candidates: list[tuple[str, float]], texts: list
                                                                   original_len=original_len, rebase=False)
         em = load_eval_model(spec, variant, dtype)
         if ids is None:
-            ids = token_stream(em.tokenizer, texts)
+            # the texts end to end, as eval.perplexity's sliding mode joins them: long [n]
+            ids = torch.tensor(token_stream(tokenize_documents(em.tokenizer, texts), em.tokenizer.eos_token_id))
         with torch.inference_mode(), Timer() as timer:
             nll = position_nll(em.model, ids, target, windows, chunk_size)
         seconds = timer.seconds
@@ -99,14 +92,15 @@ def score_candidates(spec: str, candidates: list[tuple[str, float]], texts: list
 def recommend(rows: list[dict], native_tolerance: float = 0.05) -> list[dict]:
     """Per method, the factor with the lowest target-length loss among those whose native cost is at most
     ``native_tolerance`` nats (all of them when none is), ranked across methods by that loss; each with ``why``."""
-    best: dict[str, dict] = {}
+    by_method: dict[str, list[dict]] = {}
     for r in rows:
-        if r["method"] == REFERENCE[0]:
-            continue
-        same = [x for x in rows if x["method"] == r["method"]]
+        if r["method"] != REFERENCE[0]:
+            by_method.setdefault(r["method"], []).append(r)
+    best = []
+    for same in by_method.values():
         ok = [x for x in same if x["native_cost"] <= native_tolerance] or same
-        best[r["method"]] = min(ok, key=lambda x: x["target_nll"])
-    ranked = sorted(best.values(), key=lambda x: x["target_nll"])
+        best.append(min(ok, key=lambda x: x["target_nll"]))
+    ranked = sorted(best, key=lambda x: x["target_nll"])
     return [{**r, "rank": k + 1,
              "why": f"loss {r['target_nll']:.4f} at the target, native cost {r['native_cost']:+.4f} nats, "
                     f"effective context {r['effective_context']:,}"} for k, r in enumerate(ranked)]

@@ -81,7 +81,8 @@ def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, verbose=False).input_ids for t in texts]
 
 
-def _stream(docs: list[list[int]], eos: int | None) -> list[int]:
+def token_stream(docs: list[list[int]], eos: int | None) -> list[int]:
+    """The documents' tokens end to end, ``eos`` between documents (none when the tokenizer has no EOS)."""
     out: list[int] = []
     for i, d in enumerate(docs):
         if i and eos is not None:
@@ -156,7 +157,7 @@ def evaluate_perplexity(model, tokenizer, texts: list[str], lengths: list[int], 
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
     docs = tokenize_documents(tokenizer, texts)
-    stream = torch.tensor(_stream(docs, tokenizer.eos_token_id)) if mode == "sliding" else None
+    stream = torch.tensor(token_stream(docs, tokenizer.eos_token_id)) if mode == "sliding" else None
     lengths = sorted(set(lengths))  # ascending: transformers' dynamic RoPE keeps the largest table it has seen
     results, first_nll = [], None
     for length in lengths:

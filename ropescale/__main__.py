@@ -75,7 +75,7 @@ def run_plan(a: argparse.Namespace) -> int:
             path = Path(a.out) / "sweep.yaml"
             result["sweep"] = {"path": str(path), "command": f"python launch/sweep.py --config {path}"}
     command = "python -m ropescale plan " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [])
-    print(plan.format_markdown(result, command).split("\n\nHow to read it")[0])
+    print(plan.format_markdown(result, command, guide=False))
     if a.out:
         print(f"report: {plan.write_report(result, Path(a.out), command) / 'plan.md'}")
         if a.sweep_base:

@@ -74,8 +74,9 @@ def summary_rows(plan: dict) -> list[dict]:
     return [{k: v for k, v in c.items() if k != "rows"} for c in plan["candidates"]]
 
 
-def format_markdown(plan: dict, command: str) -> str:
-    """``plan.md``: the command, the model's numbers, the candidates' table, the pictures and how to read them."""
+def format_markdown(plan: dict, command: str, guide: bool = True) -> str:
+    """``plan.md``: the command, the model's numbers, the candidates' tables, and with ``guide`` how to read them and
+    the pictures (the terminal gets it without)."""
     m = plan["model"]
     bound = m["base_lower_bound"]
     lines = [
@@ -96,7 +97,9 @@ def format_markdown(plan: dict, command: str) -> str:
         lines.append(f"| {c['method']} | {c['factor']:g} | {c['out_of_bound']} | {ext} | {need} | "
                      f"{c['attention_scale']:.4g} | {c['adjacent_resolution']:.3f} |")
     if "measured" in plan:
-        lines += measured_markdown(plan)
+        lines += measured_markdown(plan, guide)
+    if not guide:
+        return "\n".join(lines)
     lines += [
         "", "How to read it: a pair is out of bound when it never made a full turn within L and the scaled angles at "
         "the target pass the arc it saw; the effective extension is the longest length with no such pair; the "
@@ -107,8 +110,9 @@ def format_markdown(plan: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def measured_markdown(plan: dict) -> list[str]:
-    """The measured part of ``plan.md``: the recommendation, then every candidate's numbers."""
+def measured_markdown(plan: dict, guide: bool = True) -> list[str]:
+    """The measured part of ``plan.md``: the recommendation, then every candidate's numbers (and with ``guide``, the
+    loss-by-position picture and the next step)."""
     ms, L = plan["measured"], plan["model"]["original_len"]
     lines = ["", f"## Measured: training-free loss at {plan['model']['target']:,} tokens", "",
              f"Data: {ms['data']}; {ms['windows']} window(s) of {plan['model']['target']:,} tokens; native cost = "
@@ -131,6 +135,8 @@ def measured_markdown(plan: dict) -> list[str]:
         ppl = math.exp(r["target_nll"]) if r["target_nll"] < 700 else float("inf")
         lines.append(f"| {r['method']} | {r['factor']:g} | {r['target_nll']:.4f} | {ppl:.3f} | "
                      f"{r['native_cost']:+.4f} | {r['effective_context']:,} | {r['seconds']:g} |")
+    if not guide:
+        return lines
     lines += ["", "![loss by position](loss_by_position.png)"]
     if plan.get("sweep"):
         lines += ["", f"Next step, fine-tuning the top candidates: `{plan['sweep']['command']}` "

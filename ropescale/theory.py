@@ -41,16 +41,24 @@ _DYNAMIC = ("dynamic_ntk", "dynamic_yarn")  # their frequencies depend on the cu
 _TOL = 1e-6  # relative: the methods return float32 frequencies (~6e-8 relative error)
 
 
-def frequencies(head_dim: int, base: float, original_len: int, method: str, factor: float, params: dict | None = None,
-                partial_rotary_factor: float = 1.0, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(theta, theta_scaled)``: float64 ``[rotary_dim/2]`` frequencies before and after ``method`` at ``factor``
-    (dynamic methods at ``seq_len``, default the target length round(L s))."""
+def scaled_rope(head_dim: int, base: float, original_len: int, method: str, factor: float,
+                params: dict | None = None, partial_rotary_factor: float = 1.0,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(theta, theta_scaled, attention_scale)``: float64 ``[rotary_dim/2]`` frequencies before and after
+    ``method`` at ``factor`` (dynamic methods at ``seq_len``, default the target length round(L s))."""
     params = dict(params or {})
     validate_method(method, factor, params, original_len, rotary_dim=rotary_dim(head_dim, partial_rotary_factor))
     args = (head_dim, base, partial_rotary_factor, original_len)
     theta, _ = ROPE_METHODS["none"].fn(*args, 1.0, {})
-    scaled, _ = ROPE_METHODS[method].fn(*args, factor, params, seq_len=seq_len or round(original_len * factor))
-    return theta.double(), scaled.double()
+    scaled, attention = ROPE_METHODS[method].fn(*args, factor, params,
+                                                seq_len=seq_len or round(original_len * factor))
+    return theta.double(), scaled.double(), attention
+
+
+def frequencies(head_dim: int, base: float, original_len: int, method: str, factor: float, params: dict | None = None,
+                partial_rotary_factor: float = 1.0, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(theta, theta_scaled)`` of ``scaled_rope``."""
+    return scaled_rope(head_dim, base, original_len, method, factor, params, partial_rotary_factor, seq_len)[:2]
 
 
 def unturned(theta: torch.Tensor, original_len: int) -> torch.Tensor:
@@ -138,24 +146,23 @@ def theta_for_target(head_dim: int, base: float, original_len: int, target: int)
     return (target / (2 * math.pi)) ** (head_dim / critical_dim(head_dim, base, original_len))
 
 
-def decay_sum(theta: torch.Tensor, length: int, chunk: int = 8192) -> torch.Tensor:
-    """Men et al.'s B(m) = sum_i cos(m theta_i) for m = 0 .. ``length`` - 1: float64 ``[length]``."""
-    out = torch.empty(length, dtype=torch.float64)
+def _decay_chunks(theta: torch.Tensor, length: int, chunk: int):
+    """B(m) = sum_i cos(m theta_i) for m = 0 .. ``length`` - 1, ``chunk`` distances at a time (float64 each)."""
     for start in range(0, length, chunk):
         m = torch.arange(start, min(start + chunk, length), dtype=torch.float64)
-        out[start:start + len(m)] = torch.cos(m[:, None] * theta[None, :]).sum(1)
-    return out
+        yield torch.cos(m[:, None] * theta[None, :]).sum(1)
+
+
+def decay_sum(theta: torch.Tensor, length: int, chunk: int = 8192) -> torch.Tensor:
+    """Men et al.'s B(m) = sum_i cos(m theta_i) for m = 0 .. ``length`` - 1: float64 ``[length]``."""
+    return torch.cat(list(_decay_chunks(theta, length, chunk)))
 
 
 def satisfies_decay(head_dim: int, base: float, length: int, chunk: int = 4096) -> bool:
     """Men et al.'s criterion for ``base`` at ``length``: B(m) >= 0 for every m in 0 .. length-1 (stops at the
     first chunk that fails)."""
     theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    for start in range(0, length, chunk):
-        m = torch.arange(start, min(start + chunk, length), dtype=torch.float64)
-        if (torch.cos(m[:, None] * theta[None, :]).sum(1) < 0).any():
-            return False
-    return True
+    return not any((b < 0).any() for b in _decay_chunks(theta, length, chunk))
 
 
 def base_lower_bound(head_dim: int, length: int, start: float = 100.0, step: float = 1.01,
@@ -199,9 +206,7 @@ def method_theory(head_dim: int, base: float, original_len: int, target: int, me
     extension and the factor that reaches ``target``, the attention scale, and the loss of local resolution (the
     mean over pairs of theta'_i / theta_i, 1 = adjacent tokens as distinct as in training)."""
     args = (head_dim, base, original_len)
-    theta, scaled = frequencies(*args, method, factor, params, partial_rotary_factor, seq_len=target)
-    _, attention = ROPE_METHODS[method].fn(head_dim, base, partial_rotary_factor, original_len, factor,
-                                           dict(params or {}), seq_len=target)
+    theta, scaled, attention = scaled_rope(*args, method, factor, params, partial_rotary_factor, seq_len=target)
     rows = dimension_rows(theta, scaled, original_len, target)
     return {
         "method": method, "factor": float(factor), "params": {**ROPE_METHODS[method].defaults, **(params or {})},
