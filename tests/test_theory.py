@@ -104,9 +104,20 @@ def test_decay_criterion_by_hand():
     assert theory.satisfies_decay(2, 10.0, 2) and not theory.satisfies_decay(2, 10.0, 3)
     assert theory.base_lower_bound(2, 3, stop=1e6) is None
     b = theory.base_lower_bound(16, 64)
-    assert theory.satisfies_decay(16, b, 64) and not theory.satisfies_decay(16, b / 1.01, 64)
+    below = float(f"{b:.2g}") - 10 ** (math.floor(math.log10(b)) - 1)  # the grid point before b
+    assert theory.satisfies_decay(16, b, 64) and not theory.satisfies_decay(16, below, 64)
     exponents = -torch.arange(0, 16, 2, dtype=torch.float64) / 16
-    assert theory.decay_sum(b**exponents, 64).min() >= 0 > theory.decay_sum((b / 1.01) ** exponents, 64).min()
+    assert theory.decay_sum(b**exponents, 64).min() >= 0 > theory.decay_sum(below**exponents, 64).min()
+
+
+# Men et al. 2024, "Base of RoPE Bounds Context Length": the lower bound of the base for d = 128 at context lengths
+# 1k .. 128k (thousands of tokens), as the paper tabulates it.
+MEN_TABLE = {1: 4.3e3, 2: 1.6e4, 4: 2.7e4, 8: 8.4e4, 16: 3.1e5, 32: 6.4e5, 64: 2.1e6, 128: 7.8e6}
+
+
+@pytest.mark.parametrize("thousands", sorted(MEN_TABLE))
+def test_base_lower_bound_matches_men_et_al(thousands):
+    assert theory.base_lower_bound(128, 1000 * thousands) == pytest.approx(MEN_TABLE[thousands], rel=0.10)
 
 
 def test_bad_input_is_one_clear_error():
@@ -114,5 +125,5 @@ def test_bad_input_is_one_clear_error():
         theory.factor_for_target(**LLAMA2, method="yarn", target=1000)
     with pytest.raises(RopeConfigError, match="unknown RoPE method"):
         theory.method_theory(**LLAMA2, target=8192, method="yarm", factor=2.0)
-    with pytest.raises(RopeConfigError, match="step > 1"):
-        theory.base_lower_bound(128, 4096, step=1.0)
+    with pytest.raises(RopeConfigError, match="digits"):
+        theory.base_lower_bound(128, 4096, digits=0)
