@@ -9,7 +9,7 @@ training-free on held-out text at T, and a recommendation per method, ranked. ``
 ``plan.json`` and the pictures (angle coverage per pair, similarity kernels, measured loss by position);
 ``sweep_yaml`` turns the top candidates into a launch/sweep.py config.
 
-    python -m ropescale plan --model smollm2-135m --target 16384 --dtype bfloat16 --out results/plan/smollm2-16k
+    python -m ropescale plan --model smollm2-135m --target 16384 --out results/plan/smollm2-16k
     python -m ropescale plan --model smollm2-135m --target 32768 --theory-only
     python -m ropescale plan --head-dim 128 --base 10000 --original 4096 --target 32768 --theory-only --json
 """
@@ -64,7 +64,7 @@ def theory_plan(head_dim: int, base: float, original_len: int, target: int,
         "critical_dim": theory.critical_dim(dim, base, original_len),
         "theta_for_target": theory.theta_for_target(dim, base, original_len, target),
         # Men et al.: the base the target itself asks for, beside the model's own (None: not computed)
-        "base_lower_bound": theory.base_lower_bound(dim, target, start=100.0) if base_bound else None,
+        "base_lower_bound": theory.base_lower_bound(dim, target) if base_bound else None,
     }
     return {"model": model, "candidates": per}
 
@@ -135,6 +135,10 @@ def measured_markdown(plan: dict, guide: bool = True) -> list[str]:
         ppl = math.exp(r["target_nll"]) if r["target_nll"] < 700 else float("inf")
         lines.append(f"| {r['method']} | {r['factor']:g} | {r['target_nll']:.4f} | {ppl:.3f} | "
                      f"{r['native_cost']:+.4f} | {r['effective_context']:,} | {r['seconds']:g} |")
+    lines += [f"| {s['method']} | {s['factor']:g} | {s['reason']} | | | | |" for s in ms.get("skipped", [])]
+    if ms.get("search") == "scan":
+        lines += ["", "Search: scan (each method's factors in increasing order, stopped at the first whose loss rose "
+                  "above the best of the smaller ones; `--search grid` scores every candidate)."]
     if not guide:
         return lines
     lines += ["", "![loss by position](loss_by_position.png)"]

@@ -94,7 +94,7 @@ def test_measured_plan_on_a_tiny_model_writes_a_loadable_sweep(tmp_path, capsys)
     out = tmp_path / "plan"
     argv = ["plan", "--model", "tiny-llama", "--target", "512", "--methods", "linear,yarn", "--factors", "2,3",
             "--no-base-bound", "--buckets", "4", "--out", str(out), "--sweep-base", "configs/cpu_tiny.yaml",
-            "--json"]
+            "--search", "grid", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = result["measured"]["rows"]
@@ -107,6 +107,28 @@ def test_measured_plan_on_a_tiny_model_writes_a_loadable_sweep(tmp_path, capsys)
     sweep = load_sweep(out / "sweep.yaml")
     picks = [[r["method"], r["factor"]] for r in result["recommendation"]]
     assert sweep.base == "configs/cpu_tiny.yaml" and list(sweep.grid.values()) == [picks]
+
+
+def test_scan_stops_each_method_at_the_first_rise(capsys):
+    factors = (2.0, 3.0, 4.0, 6.0)
+    argv = ["plan", "--model", "tiny-llama", "--target", "512", "--methods", "linear,yarn,ntk_aware", "--factors",
+            ",".join(map(str, factors)), "--no-base-bound", "--buckets", "4", "--json"]
+    assert main(argv) == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["measured"]
+    assert measured["search"] == "scan" and measured["rows"][0]["method"] == "none"
+    for method in ("linear", "yarn", "ntk_aware"):
+        scored = [r for r in measured["rows"] if r["method"] == method]
+        skipped = [s["factor"] for s in measured["skipped"] if s["method"] == method]
+        # the scored factors are the smallest ones, in order; the rest were skipped, none lost or scored twice
+        assert [r["factor"] for r in scored] + skipped == list(factors)
+        losses = [r["target_nll"] for r in scored]
+        # a method stops exactly at its first rise: before it, every loss was a new best
+        assert all(losses[k] <= min(losses[:k]) for k in range(1, len(losses) - 1))
+        if skipped:
+            assert losses[-1] > min(losses[:-1])
+        else:
+            assert all(losses[k] <= min(losses[:k]) for k in range(1, len(losses)))
+    assert measured["skipped"], "the tiny model's losses rise somewhere: the scan path must be exercised"
 
 
 def test_a_model_without_rope_is_one_error_line(tmp_path, capsys):
