@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,29 +30,29 @@ from configs.schema import RunConfig, load_run_config
 from data.loader import PackedLoader
 from data.pack import build_packed
 from training.checkpoint import (
+    acquire_run_lock,
     export,
     load_checkpoint,
-    prepare_run_dir,
+    release_run_lock,
     save_checkpoint,
     trained_state,
     write_run_config,
 )
-from training.engine import ds_config, optimizer_step, tokens_per_step, total_steps, trainable_engine
+from training.engine import optimizer_step, tokens_per_step, total_steps, trainable_engine
 from training.evaluate import evaluate_run
 from training.memory import dry_run
 from training.metrics import MetricsLog
-from training.model import model_config, tokenizer_of
+from training.preflight import preflight
 from training.runtime import (
     Preempted,
     StopSignal,
     TrainError,
-    attn_implementation,
-    choose_precision,
     device,
     fault_point,
     init_distributed,
     log,
     peak_memory_gib,
+    rank,
     shutdown,
 )
 from utils.cli import run_cli
@@ -67,6 +66,8 @@ class Recipe:
         self.run, self.device = Path(cfg.output.dir), device()
         self.state = {"step": 0, "tokens": 0}  # what a checkpoint restores besides DeepSpeed's own state
         self.last_ckpt: Path | None = None
+        self.lock: Path | None = None  # run.lock, held by rank 0 from setup to cleanup
+        self.lock_created = False
 
     # ------------------------------------------------------------------------------------------------------ setup
 
@@ -74,16 +75,16 @@ class Recipe:
         """Everything that can be refused is checked before the processes rendezvous and the run folder is touched;
         then the process group, the model (RoPE method in its config, LoRA), the packed data and the engine."""
         cfg = self.cfg
-        resume_from = prepare_run_dir(cfg, self.run, self.resume)
-        precision, why = choose_precision(cfg.train.precision, self.device)
-        attn = attn_implementation(cfg, self.device)
-        self.model_config = model_config(cfg)
-        ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        checked = preflight(cfg, self.resume)
+        resume_from, precision, why, attn = (checked.resume_from, checked.precision, checked.precision_reason,
+                                             checked.attn)
+        self.model_config, self.tokenizer, ds = checked.model_config, checked.tokenizer, checked.ds
+        if rank() == 0:  # one launch per run folder; a second one is refused here, before the rendezvous
+            self.lock_created = not self.run.exists()
+            self.lock = acquire_run_lock(self.run)
 
         self.rank, self.world = init_distributed(self.device)
         self.stop = StopSignal()
-        if self.rank == 0:
-            write_run_config(cfg, self.run)
         log(f"{self.world} process(es) on {self.device.type}; precision {precision} ({why}); attention {attn}; "
             f"{torch.get_num_threads()} thread(s) per process")
         self.total = total_steps(cfg, self.world)
@@ -93,6 +94,8 @@ class Recipe:
             f"{n_train:,} trainable parameters")
         self.loader = PackedLoader(self.packed_data(), batch_size=cfg.train.micro_batch_size, rank=self.rank,
                                    world_size=self.world, seed=cfg.train.seed)
+        if self.rank == 0:  # the run folder is written once the data is packed: a bad document leaves no trace
+            write_run_config(cfg, self.run)
         if resume_from is not None:
             self.state = load_checkpoint(self.engine, resume_from, self.loader)
             self.last_ckpt = resume_from
@@ -102,11 +105,10 @@ class Recipe:
 
     def packed_data(self):
         """The packed rows: rank 0 builds (or reuses) the cache, then the other ranks read it."""
-        tokenizer = tokenizer_of(self.cfg)
         if self.rank == 0:
-            dataset = build_packed(self.cfg.data, tokenizer)
+            dataset = build_packed(self.cfg.data, self.tokenizer)
         torch.distributed.barrier()
-        return dataset if self.rank == 0 else build_packed(self.cfg.data, tokenizer)
+        return dataset if self.rank == 0 else build_packed(self.cfg.data, self.tokenizer)
 
     # ------------------------------------------------------------------------------------------------------ train
 
@@ -196,10 +198,12 @@ class Recipe:
 
     # ---------------------------------------------------------------------------------------------------- cleanup
 
-    @staticmethod
-    def cleanup() -> None:
-        """A clean shutdown of the process group (gloo aborts the process otherwise)."""
+    def cleanup(self) -> None:
+        """A clean shutdown of the process group (gloo aborts the process otherwise), then the run folder's lock is
+        released (and the folder removed if the run was refused before writing anything into it)."""
         shutdown()
+        if self.lock is not None:
+            release_run_lock(self.lock, self.lock_created)
 
 
 def train(cfg: RunConfig, resume: str = "never") -> Path:
@@ -234,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(_) -> int:
         cfg = load_run_config(args.config, args.set)
         if args.dry_run:  # nothing distributed starts; the plan uses WORLD_SIZE when a launcher set it
+            preflight(cfg, resume=None)  # a dry run refuses what the run would refuse
             dry_run(cfg)
             return 0
         try:

@@ -8,14 +8,20 @@ applies ``--set section.key=value`` overrides (values parsed as YAML), and valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from data.config import DataConfig
 from utils.cli import UserError
 from utils.schema import StrictModel, validate
+
+
+MAX_TOKENS = 2**24  # 16M tokens: the bound on any length or position count in a config
+Length = Annotated[int, Field(ge=2, le=MAX_TOKENS)]
+Depth = Annotated[float, Field(ge=0.0, le=1.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class ConfigError(UserError):
@@ -42,11 +48,11 @@ class RopeSection(StrictModel):
     method: str = "none"
     """RoPE scaling method, a key of ropescale.methods.ROPE_METHODS (`python -m ropescale inspect --help` lists them
     with one line each)."""
-    factor: float = 1.0
+    factor: float = Field(default=1.0, ge=1.0, le=1e4)
     """Scale factor s: the target context is s x the model's original context."""
     params: dict[str, Any] = {}
     """Method parameters (beta_fast, beta_slow, alpha, beta, attention_factor, low_freq_factor, rope_theta, ...)."""
-    original_len: int | None = None
+    original_len: int | None = Field(default=None, ge=2, le=MAX_TOKENS)
     """The model's original context; read from the model config when left empty."""
     rebase: bool = False
     """Allow replacing a scaling the base model already carries (computed from its original length, never
@@ -64,11 +70,11 @@ class RopeSection(StrictModel):
 class LoraSection(StrictModel):
     enabled: bool = True
     """LoRA fine-tuning; false trains every weight (full fine-tuning)."""
-    r: int = 8
+    r: int = Field(default=8, ge=1, le=4096)
     """LoRA rank."""
-    alpha: int = 16
+    alpha: int = Field(default=16, ge=1, le=65536)
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Module names that get LoRA adapters."""
@@ -78,26 +84,26 @@ class LoraSection(StrictModel):
 
 
 class TrainSection(StrictModel):
-    max_steps: int | None = 100
+    max_steps: int | None = Field(default=100, ge=1, le=10**9)
     """Optimizer steps to run; with max_tokens the run stops at whichever comes first."""
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=10**15)
     """Token budget (tokens seen across all ranks)."""
-    micro_batch_size: int = 1
+    micro_batch_size: int = Field(default=1, ge=1, le=4096)
     """Sequences per rank per forward pass."""
-    grad_accum: int = 1
+    grad_accum: int = Field(default=1, ge=1, le=65536)
     """Micro-batches accumulated per optimizer step."""
-    lr: float = 2e-5
+    lr: float = Field(default=2e-5, gt=0.0, le=1.0)
     """Peak learning rate (YaRN recipe: 2e-5)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     """AdamW betas (YaRN recipe: 0.9, 0.95)."""
-    weight_decay: float = 0.0
+    weight_decay: float = Field(default=0.0, ge=0.0, le=10.0)
     """AdamW weight decay (YaRN recipe: none)."""
-    warmup_steps: int = 20
+    warmup_steps: int = Field(default=20, ge=0, le=10**9)
     """Linear warmup steps (YaRN recipe: 20)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     """LR after warmup (YaRN recipe: constant)."""
-    grad_clip: float = 1.0
-    """Gradient norm clipping (YaRN recipe: 1.0)."""
+    grad_clip: float = Field(default=1.0, ge=0.0, le=1e6)
+    """Gradient norm clipping (YaRN recipe: 1.0); 0 turns clipping off."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """`auto`: bf16 on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16), fp32 elsewhere."""
     gradient_checkpointing: bool = True
@@ -106,16 +112,17 @@ class TrainSection(StrictModel):
     """With gradient_checkpointing: keep each layer's attention output (sdpa / flash kernels) from the forward so the
     backward's recompute skips attention, the cost that grows with seq_len^2; costs seq_len x heads x head_dim
     activations (+ a log-sum-exp) per layer."""
-    loss_chunk_size: int = 256
+    loss_chunk_size: int = Field(default=256, ge=1, le=MAX_TOKENS)
     """Positions per chunk of the lm_head + cross-entropy; the full [seq_len, vocab] logits never exist. A chunk's
     fp32 logits, their softmax and gradient cost ~3 x chunk x vocab x 4 B; 256 keeps that under 150 MB at 49k vocab."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for weights (scratch/LoRA init), dropout and data order."""
-    save_every: int = 50
-    """Save a checkpoint every N optimizer steps (and always at the end); 0 saves only at the end."""
-    keep_last: int = 2
-    """Checkpoints kept; older ones are deleted after a newer one is complete."""
-    log_every: int = 1
+    save_every: int = Field(default=50, ge=0, le=10**9)
+    """Save a checkpoint every N optimizer steps (and always at the end); 0, or a value above max_steps, saves only
+    at the end."""
+    keep_last: int = Field(default=2, ge=0, le=10**6)
+    """Checkpoints kept; older ones are deleted after a newer one is complete (0 keeps every one)."""
+    log_every: int = Field(default=1, ge=1, le=10**9)
     """Print a progress line every N steps (metrics.jsonl gets every step)."""
 
     @model_validator(mode="after")
@@ -149,17 +156,17 @@ class WandbSection(StrictModel):
 
 
 class EvalSection(StrictModel):
-    perplexity_lengths: list[int] = []
+    perplexity_lengths: list[Length] = []
     """Lengths for perplexity on the held-out split after training (empty: skip)."""
     perplexity_mode: Literal["sliding", "truncate"] = "sliding"
     """Perplexity definition (see eval/perplexity.py)."""
-    stride: int | None = None
+    stride: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     """Sliding-window stride; default half the length."""
-    passkey_lengths: list[int] = []
+    passkey_lengths: list[Length] = []
     """Lengths for passkey retrieval (empty: skip)."""
-    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    passkey_depths: list[Depth] = [0.0, 0.25, 0.5, 0.75, 1.0]
     """Relative depths of the key in the prompt."""
-    passkey_trials: int = 2
+    passkey_trials: int = Field(default=2, ge=1, le=10**4)
     """Trials per (length, depth)."""
 
 

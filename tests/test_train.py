@@ -3,9 +3,12 @@
 Every run here is `configs/cpu_tiny.yaml` (tiny-llama, YaRN s=2, 512-token rows) launched the way a user would.
 """
 
+import gzip
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -129,17 +132,87 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path):
     assert losses(stopped) == losses(full)
 
 
-def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
-    sets = ("train.max_steps=10", "train.save_every=5")
-    full, broken = tmp_path / "full", tmp_path / "broken"
-    _train(full, *sets)
-    r = _train(broken, *sets, check=False, ROPESCALE_FAULT="checkpoint:10")
+KILL_SETS = ("train.max_steps=10", "train.save_every=5")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The per-step losses of the uninterrupted KILL_SETS run."""
+    run = tmp_path_factory.mktemp("full") / "run"
+    _train(run, *KILL_SETS)
+    return losses(run)
+
+
+# SIGKILL at each point of the step-10 save: after DeepSpeed's model states, after its optimizer states, after
+# every rank's data position and RNG, after the manifest (just before the rename)
+@pytest.mark.parametrize("point", ["checkpoint/model", "checkpoint/optimizer", "checkpoint", "checkpoint/rename"])
+def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, uninterrupted, point):
+    broken = tmp_path / "broken"
+    r = _train(broken, *KILL_SETS, check=False, ROPESCALE_FAULT=f"{point}:10")
     assert r.returncode == -signal.SIGKILL
     ckpts = sorted(p.name for p in (broken / "checkpoints").iterdir())
     assert ckpts == [".tmp-step-000010", "step-000005"]  # the half-written one never got its final name
-    _train(broken, *sets, resume="auto")
-    assert losses(broken) == losses(full)
+    _train(broken, *KILL_SETS, resume="auto")
+    assert losses(broken) == uninterrupted
     assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+
+
+def test_a_cut_off_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
+    sets = ("train.max_steps=10", "train.save_every=2")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(full, *sets)
+    r = _train(cut, *sets, check=False, ROPESCALE_FAULT="nan_loss:7")  # stops after step 6: step-4, step-6 kept
+    assert r.returncode == 2
+    newest = cut / "checkpoints" / "step-000006"
+    victim = newest / "rank000.pt"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a write cut off by a crash or full disk
+    r = _train(cut, *sets, resume="auto")
+    assert f"warning: skipping checkpoint {newest}: rank000.pt is" in r.stdout
+    assert f"resumed from {cut / 'checkpoints' / 'step-000004'} at step 4" in r.stdout
+    assert losses(cut) == losses(full)
+
+
+def test_a_second_launch_into_a_busy_run_folder_is_refused(tmp_path):
+    run = tmp_path / "busy"
+    run.mkdir()
+    lock = run / "run.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # a live launch holds it
+    r = _train(run, "train.max_steps=2", check=False)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
+    assert f"is in use by another launch (pid {os.getpid()} on {socket.gethostname()})" in err[0]
+    assert [p.name for p in run.iterdir()] == ["run.lock"]  # nothing else written
+    # a stale lock (its process is gone: a launch that was SIGKILLed) is taken over, and released at the end
+    gone = subprocess.Popen([PY, "-c", "pass"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    r = _train(run, "train.max_steps=2", "train.save_every=0")
+    assert f"warning: taking over the stale lock {lock} (pid {gone.pid}" in r.stdout
+    assert not lock.exists() and (run / "merged").is_dir()
+
+
+def test_two_launches_at_once_into_one_folder_one_runs(tmp_path):
+    run = tmp_path / "race"
+    procs = [subprocess.Popen(_cmd(run, "train.max_steps=3", "train.save_every=0"), cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], [o[1][-1500:] for o in outs]
+    err = outs[codes.index(2)][1].strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: output.dir"), err
+    assert "in use by another launch" in err[0] or "already holds a run" in err[0]
+    assert len(losses(run)) == 3 and not (run / "run.lock").exists()
+
+
+def test_a_bad_document_found_while_packing_leaves_no_run_folder(tmp_path):
+    bad = tmp_path / "book.txt.gz"
+    bad.write_bytes(gzip.compress(b"It was a bright cold day in April. " * 400)[:60])  # a truncated download
+    run = tmp_path / "run"
+    r = _train(run, f"data.sources=[{{kind: files, path: '{bad}'}}]", check=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and f"cannot read {bad}" in errors[0], r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == errors[0]  # the last word, after the packing's progress lines
+    assert "Traceback" not in r.stderr and not run.exists()
 
 
 def test_nan_loss_stops_before_the_optimizer_step(tmp_path):
@@ -197,15 +270,17 @@ def test_merged_export_reloads_in_plain_transformers_with_the_scaling(tmp_path):
     assert torch.allclose(ours, plain, atol=1e-4), (ours - plain).abs().max()
 
 
-def test_wandb_offline_run_and_no_api_key_in_the_run_folder(tmp_path):
+def test_wandb_offline_run_and_no_secret_in_the_run_folder_or_the_logs(tmp_path):
     key = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key; set but never written
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"  # the shape of a hub token; likewise
     run = tmp_path / "wb"
-    _train(run, "wandb.mode=offline", WANDB_API_KEY=key)
+    r = _train(run, "wandb.mode=offline", WANDB_API_KEY=key, HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     assert b"tokens_per_s" in offline[0].read_bytes()  # the logged metrics are in the run file
-    leaks = [p for p in run.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
-    assert not leaks
+    for secret in (key, token):
+        leaks = [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert not leaks and secret not in r.stdout + r.stderr
 
 
 def test_wandb_mode_auto_is_offline_without_a_key(tmp_path):
@@ -232,6 +307,8 @@ def test_run_folder_is_protected_and_resume_checks_the_config(tmp_path):
     (("train.max_step=3",), "did you mean 'train.max_steps'?"),
     (("model.name=./no/such/model",), "model folder not found"),
     (("deepspeed.config=configs/deepspeed/zero9.json",), "zero9.json not found"),
+    # an integer at its boundary: 0 rows per forward used to pass the schema and fail after the rendezvous
+    (("train.micro_batch_size=0",), "train.micro_batch_size: Input should be greater than or equal to 1"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, capsys, sets, message):
     """Every refusal happens before DeepSpeed starts and before the run folder is written."""

@@ -3,14 +3,18 @@ model and optimizer through DeepSpeed, step and token counters, per-rank data po
 exported adapter and merged model.
 
 Every folder is written under a temporary name and renamed once complete, so a crash mid-write leaves the previous
-one as the newest complete one.
+one as the newest complete one. A checkpoint's ``manifest.json`` (every file and its size, written last before the
+rename) lets ``--resume auto`` skip a newest checkpoint that was cut off or damaged afterwards. One launch at a time
+writes a run folder: ``run.lock`` holds the PID and host of the launch that owns it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -18,11 +22,13 @@ import yaml
 
 from configs.schema import RunConfig
 from training.model import LossModule, tokenizer_of, trainable_model
-from training.runtime import TrainError, fault_point, rank
+from training.runtime import TrainError, fault_point, log, rank
 from utils.files import replace_dir, write_atomic
 
 CHECKPOINT_PREFIX = "step-"
 DS_TAG = "engine"  # DeepSpeed's sub-folder inside each checkpoint
+MANIFEST = "manifest.json"
+LOCK = "run.lock"
 
 # Keys that may change between a run and its resumption (length of the run, logging, evaluation).
 RESUMABLE_CHANGES = {"train.max_steps", "train.max_tokens", "train.save_every", "train.keep_last",
@@ -51,11 +57,75 @@ def prepare_run_dir(cfg: RunConfig, run: Path, resume: str) -> Path | None:
     if saved.is_file():
         check_same_run(yaml.safe_load(saved.read_text()), public_config(cfg), run)
     if resume == "auto":
-        return ckpts[-1] if ckpts else None
+        for ckpt in reversed(ckpts):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            log(f"warning: skipping checkpoint {ckpt}: {problem}; trying the one before it")
+        return None
     path = Path(resume)
     if not (path / DS_TAG).is_dir():
         raise TrainError(f"--resume {path}: not a complete checkpoint folder (expected {path / DS_TAG})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainError(f"--resume {path}: {problem}; resume from an earlier checkpoint")
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def acquire_run_lock(run: Path) -> Path:
+    """Create ``run/run.lock`` (PID and host of this launch) or refuse: another live launch holds the folder. A lock
+    whose process is gone (same host, PID not running) is taken over with a warning; a lock from another host
+    cannot be checked and is refused. Returns the lock file; ``release_run_lock`` removes it."""
+    run.mkdir(parents=True, exist_ok=True)
+    lock = run / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text())
+                pid, host = int(held["pid"]), str(held["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                held, pid, host = None, -1, me["host"]  # unreadable: a launch killed while writing it
+            if host != me["host"]:
+                raise TrainError(f"output.dir {run} is locked by a launch on host {host} (pid {pid}); if no run is "
+                                 f"active there, delete {lock}") from None
+            if _pid_alive(pid):
+                raise TrainError(f"output.dir {run} is in use by another launch (pid {pid} on {host}); wait for "
+                                 "it or choose another output.dir") from None
+            log(f"warning: taking over the stale lock {lock} (pid {pid} on {host} is gone)")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise TrainError(f"could not take the lock {lock}: another launch took it at the same moment")
+
+
+def release_run_lock(lock: Path, created: bool) -> None:
+    """Remove ``lock`` if this process holds it; with ``created`` (the run folder did not exist before the lock),
+    also remove the folder when nothing else was written into it."""
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, AttributeError):
+        return
+    if created:
+        try:
+            lock.parent.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def check_same_run(saved: dict, now: dict, run: Path) -> None:
@@ -94,6 +164,31 @@ def complete_checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / DS_TAG).is_dir())
 
 
+def write_manifest(folder: Path) -> None:
+    """``folder/manifest.json``: every file under ``folder`` (relative path) and its size in bytes."""
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    write_atomic(folder / MANIFEST, json.dumps(files, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint against its manifest (a missing or cut-off file, no manifest), else None.
+    Sizes, not hashes: a multi-GB checkpoint is checked in milliseconds, and a write cut off by a crash or a full
+    disk changes the size."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written by an interrupted save or an older version)"
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, size in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, {size} when saved (cut off or damaged)"
+    return None
+
+
 def rng_state() -> dict:
     """This process's RNG states as tensors, so that a checkpoint loads with ``weights_only=True``."""
     _, internal, _ = random.getstate()
@@ -111,6 +206,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def arm_deepspeed_faults(engine, step: int) -> None:
+    """Fault injection inside DeepSpeed's save (off unless ``ROPESCALE_FAULT`` names a ``checkpoint/`` point of this
+    step): rank 0 is SIGKILLed right after DeepSpeed writes its model-states file (``checkpoint/model:N``) or its
+    optimizer-states file (``checkpoint/optimizer:N``), by wrapping its checkpoint engine's ``save``."""
+    fault = os.environ.get("ROPESCALE_FAULT", "")
+    if not (fault.startswith(("checkpoint/model:", "checkpoint/optimizer:")) and fault.endswith(f":{step}")):
+        return
+    save = engine.checkpoint_engine.save
+
+    def save_then_fault(state_dict, path):
+        save(state_dict, path)
+        fault_point("checkpoint/optimizer" if "optim_states" in str(path) else "checkpoint/model", step)
+
+    engine.checkpoint_engine.save = save_then_fault
+
+
 def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last: int) -> Path:
     """Everything a resumed run needs: DeepSpeed's model/optimizer/scheduler state, ``state`` (step and token
     counters), and per rank the data position and RNG states. Written under ``.tmp-step-N`` and renamed by rank 0
@@ -123,6 +234,7 @@ def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+    arm_deepspeed_faults(engine, step)
     # Frozen base weights are not saved: they come back from the base model (a 7B checkpoint shrinks from 14 GB).
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=state, save_latest=False,
                            exclude_frozen_parameters=True)
@@ -130,6 +242,8 @@ def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last
     fault_point("checkpoint", step)
     dist.barrier()
     if me == 0:
+        write_manifest(tmp)
+        fault_point("checkpoint/rename", step)
         replace_dir(tmp, final)
         for old in complete_checkpoints(run)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)

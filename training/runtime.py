@@ -151,10 +151,12 @@ class StopSignal:
 
 def fault_point(where: str, step: int) -> bool:
     """Fault injection for the crash tests, off unless ``ROPESCALE_FAULT`` is set: ``checkpoint:5`` SIGKILLs rank 0
-    in the middle of writing the step-5 checkpoint (after DeepSpeed wrote its files, before the rename);
-    ``nan_loss:3`` returns True on every rank at step 3 (the caller then turns the loss into NaN)."""
+    in the middle of writing the step-5 checkpoint (after DeepSpeed and every rank wrote their files),
+    ``checkpoint/rename:5`` after the manifest, just before the rename, and ``checkpoint/model:5`` /
+    ``checkpoint/optimizer:5`` inside DeepSpeed's save (training.checkpoint.arm_deepspeed_faults); ``nan_loss:3``
+    returns True on every rank at step 3 (the caller then turns the loss into NaN)."""
     if os.environ.get("ROPESCALE_FAULT") != f"{where}:{step}":
         return False
-    if where == "checkpoint" and rank() == 0:
+    if where.startswith("checkpoint") and rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     return True

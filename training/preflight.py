@@ -1,0 +1,52 @@
+"""Everything a run can refuse, checked before any process group starts and before the run folder is touched.
+
+``preflight(cfg, resume)`` is the first step of the recipe's setup and of ``train.py --dry-run``: the run folder
+against ``--resume``, the precision and attention kernel this machine can give, the model config with the RoPE
+method applied (and the training length against the model's original context), the tokenizer, the files the data
+sources name, and the DeepSpeed JSON with its ``auto`` values filled. Each refusal is a UserError (one ``error:``
+line, exit status 2); nothing is written. (What only reading the documents can find, such as a truncated ``.gz``,
+is found when rank 0 packs the data: still before the run folder is written, see train.py's setup.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from configs.schema import RunConfig
+from data.sources import expand_files
+from training.checkpoint import prepare_run_dir
+from training.engine import ds_config
+from training.model import model_config, tokenizer_of
+from training.runtime import attn_implementation, choose_precision, device
+
+
+@dataclass
+class Preflight:
+    """What setup needs from the checks: the checkpoint to resume from (None: a fresh run), the precision and the
+    reason it was chosen, the attention kernel, the model config, the tokenizer, the DeepSpeed JSON."""
+
+    resume_from: Path | None
+    precision: str
+    precision_reason: str
+    attn: str
+    model_config: object
+    tokenizer: object
+    ds: dict
+
+
+def preflight(cfg: RunConfig, resume: str | None) -> Preflight:
+    """Check ``cfg`` for a launch of ``WORLD_SIZE`` processes (1 without a launcher); ``resume`` None skips the run
+    folder check (a dry run writes nothing, so it may look at a folder that holds a run)."""
+    resume_from = None if resume is None else prepare_run_dir(cfg, Path(cfg.output.dir), resume)
+    dev = device()
+    precision, why = choose_precision(cfg.train.precision, dev)
+    attn = attn_implementation(cfg, dev)
+    config = model_config(cfg)
+    tokenizer = tokenizer_of(cfg)
+    for spec in cfg.data.sources:
+        if spec.kind == "files":
+            expand_files(spec.path)  # a glob that matches nothing, a missing file, an unsupported type
+    ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return Preflight(resume_from, precision, why, attn, config, tokenizer, ds)
