@@ -180,12 +180,19 @@ class Recipe:
 
     def save(self) -> None:
         """The adapter (LoRA + trainable extras) and the merged model, written by rank 0."""
-        trained = trained_state(self.engine, self.module)
+        trained, failed = trained_state(self.engine, self.module), None
         if self.rank == 0:
-            export(self.cfg, self.model_config, trained, self.run)
-            log(f"saved {self.run / 'adapter'} and {self.run / 'merged'}" if self.cfg.lora.enabled
-                else f"saved {self.run / 'merged'}")
-        torch.distributed.barrier()
+            try:
+                export(self.cfg, self.model_config, trained, self.run)
+            except TrainError as e:  # a full disk: the other ranks must not wait for rank 0 forever
+                failed = e
+            else:
+                log(f"saved {self.run / 'adapter'} and {self.run / 'merged'}" if self.cfg.lora.enabled
+                    else f"saved {self.run / 'merged'}")
+        flag = torch.tensor([0.0 if failed is None else 1.0], device=self.device)
+        torch.distributed.all_reduce(flag)  # in place of a barrier: every rank learns whether the export failed
+        if flag.item() > 0:
+            raise failed or TrainError(f"rank 0 could not write {self.run / 'merged'}")
 
     # ------------------------------------------------------------------------------------------------------- eval
 
@@ -200,7 +207,10 @@ class Recipe:
 
     def cleanup(self) -> None:
         """A clean shutdown of the process group (gloo aborts the process otherwise), then the run folder's lock is
-        released (and the folder removed if the run was refused before writing anything into it)."""
+        released (and the folder removed if the run was refused before writing anything into it). The progress
+        bar is ended first, so that an error line starts a line of its own."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         shutdown()
         if self.lock is not None:
             release_run_lock(self.lock, self.lock_created)

@@ -7,6 +7,8 @@ import gzip
 import json
 import os
 import random
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -213,6 +215,51 @@ def test_a_bad_document_found_while_packing_leaves_no_run_folder(tmp_path):
     assert r.returncode == 2 and len(errors) == 1 and f"cannot read {bad}" in errors[0], r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == errors[0]  # the last word, after the packing's progress lines
     assert "Traceback" not in r.stderr and not run.exists()
+
+
+def _file_size_limit(limit: int):
+    """A child's RLIMIT_FSIZE: a write past ``limit`` bytes fails with EFBIG (Python ignores SIGXFSZ), as a write
+    to a full disk fails with ENOSPC: the same error path, without filling this machine's disk."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def _limited(run: Path, limit: int, *sets: str) -> tuple[int, list[str]]:
+    r = subprocess.run(_cmd(run, *sets, resume="auto"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=600, preexec_fn=_file_size_limit(limit))
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.returncode, errors
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_space_needed(tmp_path):
+    from training.checkpoint import checkpoint_problem
+
+    sets = ("train.save_every=2", "wandb.enabled=false")
+    run = tmp_path / "disk"
+    ckpts = run / "checkpoints"
+    _train(run, *sets, "train.max_steps=2")  # step-2 and an export, without a limit
+    biggest = max(f.stat().st_size for f in (ckpts / "step-000002").rglob("*") if f.is_file())
+    merged = (run / "merged" / "model.safetensors").stat().st_size
+    assert biggest < merged  # cpu_tiny: the optimizer states are smaller than the merged fp32 weights
+
+    # the step-4 checkpoint cannot be written: its biggest file is over the limit
+    code, errors = _limited(run, biggest // 2, *sets, "train.max_steps=4")
+    assert code == 2 and f"could not write {ckpts / 'step-000004'}" in errors[0]
+    assert re.search(r"[0-9.]+ MiB free on its disk, about 0\.[1-9] MiB needed", errors[0]), errors[0]
+    assert f"the previous checkpoint {ckpts / 'step-000002'} is complete" in errors[0]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]  # the partial one removed
+    assert checkpoint_problem(ckpts / "step-000002") is None
+
+    # the checkpoint fits but the merged weights do not: the export fails, the checkpoint stays
+    code, errors = _limited(run, (biggest + merged) // 2, *sets, "train.max_steps=4")
+    assert code == 2 and f"could not write {run / 'merged'}" in errors[0]
+    assert f"the last checkpoint {ckpts / 'step-000004'} is complete" in errors[0]
+    assert not list(run.glob(".tmp-*")) and checkpoint_problem(ckpts / "step-000004") is None
+
+    # with space again, --resume auto finishes the run from there
+    _train(run, *sets, "train.max_steps=4", resume="auto")
+    assert len(losses(run)) == 4 and (run / "merged" / "model.safetensors").stat().st_mtime > \
+        (ckpts / "step-000004").stat().st_mtime
 
 
 def test_nan_loss_stops_before_the_optimizer_step(tmp_path):

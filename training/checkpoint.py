@@ -222,6 +222,34 @@ def arm_deepspeed_faults(engine, step: int) -> None:
     engine.checkpoint_engine.save = save_then_fault
 
 
+# What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save (its zip writer reports
+# a short write as "unexpected pos"), SafetensorError from safetensors.
+def _write_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, SafetensorError)
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes a checkpoint or export folder holds (its manifest's total when it has one)."""
+    try:
+        return sum(json.loads((folder / MANIFEST).read_text()).values())
+    except (OSError, ValueError):
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def write_failure(target: Path, error: BaseException | str, need: int, kept: str) -> TrainError:
+    """The one-line error of a save that could not be written (a full disk, a quota, a file size limit): what, why,
+    the space free there and the space needed (estimated by the caller), what was kept and how to go on."""
+    where = target.parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    reason = " ".join(str(error).split())[:200]
+    return TrainError(f"could not write {target} ({reason}); {free / 2**20:.1f} MiB free on its disk, about "
+                      f"{need / 2**20:.1f} MiB needed; {kept}; free space and rerun with --resume auto")
+
+
 def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last: int) -> Path:
     """Everything a resumed run needs: DeepSpeed's model/optimizer/scheduler state, ``state`` (step and token
     counters), and per rank the data position and RNG states. Written under ``.tmp-step-N`` and renamed by rank 0
@@ -234,17 +262,34 @@ def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+    previous = complete_checkpoints(run)
+    kept = f"the previous checkpoint {previous[-1]} is complete" if previous else "no earlier checkpoint exists"
+    need = folder_bytes(previous[-1]) if previous else 0
+    failed: BaseException | None = None
     arm_deepspeed_faults(engine, step)
-    # Frozen base weights are not saved: they come back from the base model (a 7B checkpoint shrinks from 14 GB).
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=state, save_latest=False,
-                           exclude_frozen_parameters=True)
-    torch.save({"loader": loader.state_dict(), "rng": rng_state()}, tmp / f"rank{me:03d}.pt")
+    try:
+        # Frozen base weights are not saved: they come back from the base model (a 7B checkpoint shrinks from 14 GB).
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=state, save_latest=False,
+                               exclude_frozen_parameters=True)
+        torch.save({"loader": loader.state_dict(), "rng": rng_state()}, tmp / f"rank{me:03d}.pt")
+    except _write_errors() as e:
+        failed = e
     fault_point("checkpoint", step)
-    dist.barrier()
+    # every rank learns whether any rank's write failed (in place of a barrier)
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=engine.device)
+    dist.all_reduce(flag)
+    if flag.item() > 0:
+        if me == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(final, failed or "another rank's write failed", need or folder_bytes(tmp), kept)
     if me == 0:
-        write_manifest(tmp)
-        fault_point("checkpoint/rename", step)
-        replace_dir(tmp, final)
+        try:
+            write_manifest(tmp)
+            fault_point("checkpoint/rename", step)
+            replace_dir(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failure(final, e, need, kept) from None
         for old in complete_checkpoints(run)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
     dist.barrier()
@@ -290,9 +335,8 @@ def export(cfg: RunConfig, config, trained: dict[str, torch.Tensor], run: Path) 
     """Rank 0: write ``adapter/`` (LoRA + trainable extras) and ``merged/`` (safetensors, plain transformers).
 
     The merge starts from a fresh fp32 base built from the same RoPE-scaled ``config``, so ``merged/config.json``
-    carries the scaling natively and the merged weights are base + BA (not bf16-rounded training copies)."""
-    from safetensors.torch import save_file
-
+    carries the scaling natively and the merged weights are base + BA (not bf16-rounded training copies). A write
+    that fails (a full disk) removes the partial folders and raises one line with the space needed."""
     model = trainable_model(cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"gradient_checkpointing": False})}), config, "fp32", "sdpa", dtype=torch.float32)
     missing = [n for n in trained if n not in dict(model.named_parameters())]
@@ -303,6 +347,22 @@ def export(cfg: RunConfig, config, trained: dict[str, torch.Tensor], run: Path) 
             model.get_parameter(name).copy_(value)
     for name in ("adapter", "merged"):
         shutil.rmtree(run / f".tmp-{name}", ignore_errors=True)
+    try:
+        write_export(cfg, config, model, trained, run)
+    except _write_errors() as e:
+        for name in ("adapter", "merged"):
+            shutil.rmtree(run / f".tmp-{name}", ignore_errors=True)
+        # the merged fp32 weights dominate; the adapter is a fraction of them
+        need = sum(p.numel() * 4 for p in model.parameters())
+        ckpts = complete_checkpoints(run)
+        kept = f"the last checkpoint {ckpts[-1]} is complete" if ckpts else "no checkpoint was saved"
+        raise write_failure(run / "merged", e, need, kept) from None
+
+
+def write_export(cfg: RunConfig, config, model, trained: dict[str, torch.Tensor], run: Path) -> None:
+    """``export``'s writes: ``adapter/`` then ``merged/``, each under a ``.tmp-`` name until complete."""
+    from safetensors.torch import save_file
+
     if cfg.lora.enabled:
         tmp = run / ".tmp-adapter"
         model.save_pretrained(tmp, safe_serialization=True)
