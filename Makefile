@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 
 # The whole suite, slow tests included (they are marked `slow`; `make test-fast` leaves them out).
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
