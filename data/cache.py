@@ -39,6 +39,8 @@ def tokens_key(cfg: DataConfig, tokenizer: dict, fingerprints: list) -> str:
     tokenizer. ``tok-<16 hex digits>``."""
     sources = [s.model_dump(exclude={"weight"}) for s in cfg.sources]
     parts = {"format": FORMAT_VERSION, "sources": sources, "data": fingerprints, "tokenizer": tokenizer}
+    if cfg.on_bad_document != "error":  # only when set, so that the keys of every earlier build still hold
+        parts["on_bad_document"] = cfg.on_bad_document
     return "tok-" + json_digest(parts)[:16]
 
 

@@ -117,6 +117,10 @@ class DataConfig(StrictModel):
     """Seed for the document order of each pass, weight subsets and PoSE offsets (the row order is the loader's)."""
     cache_dir: str | None = None
     """Where packed sets are kept; default `$ROPESCALE_CACHE/packed` (`~/.cache/ropescale/packed`)."""
+    on_bad_document: Literal["error", "skip"] = "error"
+    """A document that cannot be read (a truncated file, a JSONL line that is not a JSON object, a record without
+    the text field): `error` stops with one line naming the file and line; `skip` leaves it out and counts it in the
+    packing stats (with the first few reasons)."""
     num_proc: int = Field(default=1, ge=1)
     """Tokenizer processes (datasets' `map(num_proc=...)`); does not change the result."""
 

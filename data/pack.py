@@ -165,7 +165,7 @@ def tokenized_documents(cfg: DataConfig, tokenizer, root: Path, key: str) -> Pat
     with atomic_dir(final, keep_existing=True) as tmp:
         docs, source_of, source_stats = [], [], []
         for i, spec in enumerate(cfg.sources):
-            texts, stats = read_source(spec, root / "hf-datasets")
+            texts, stats = read_source(spec, root / "hf-datasets", cfg.on_bad_document)
             ids = tokenize_texts(texts, tokenizer, num_proc=cfg.num_proc)
             del texts
             docs += ids

@@ -6,8 +6,10 @@ Each source yields plain ``str`` documents in a fixed order, with counts of what
   ``errors="replace"``) and counted; so are lone surrogates that JSON escapes can produce. Nothing is dropped
   silently, and the counts are in the stats.
 - Empty or whitespace-only documents are skipped and counted.
-- A missing text field, an unreadable file or a source that cannot be loaded fails at once with one line naming the
-  field (and the fields there are) or the path.
+- A bad document (an unreadable or truncated file, a JSONL line that is not a JSON object, a record without the
+  text field or whose text is not a string) fails at once with one line naming the file (and the line for JSONL);
+  with ``data.on_bad_document: skip`` it is skipped and counted instead, with the first few reasons kept in the
+  stats. A source that cannot be loaded at all, or a dataset without the text column, always fails.
 
 Hub datasets go through ``datasets.load_dataset`` (optionally ``streaming=True``); the same call reads a local
 dataset folder, which is how it is tested here (no network). Local ``.txt`` files are one document each;
@@ -22,6 +24,7 @@ import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from data.config import DataError, SourceSpec
@@ -43,9 +46,21 @@ class SourceStats:
     empty_skipped: int = 0
     invalid_utf8_documents: int = 0
     invalid_utf8_replaced: int = 0
+    bad_skipped: int = 0
+    bad_examples: list[str] = dataclass_field(default_factory=list)  # the first reasons, as the error reads
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Unreadable:
+    """In place of a document's text: why it could not be read (one line naming the file, and the line)."""
+
+    reason: str
+
+
+BAD_EXAMPLES = 3
 
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:
@@ -100,11 +115,12 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _field(record: dict, field: str, where: str):
-    if field not in record:
-        raise DataError(f"{where}: text field '{field}' not found; fields: {', '.join(map(str, record)) or '(none)'}"
-                        " (set text_field)")
-    return record[field]
+def _field(record: dict, name: str, where: str):
+    """The record's text, or Unreadable naming the fields the record has."""
+    if name not in record:
+        return Unreadable(f"{where}: text field '{name}' not found; fields: "
+                          f"{', '.join(map(str, record)) or '(none)'} (set text_field)")
+    return record[name]
 
 
 def _jsonl_records(path: Path, field: str) -> Iterator[tuple[str, object, int]]:
@@ -119,12 +135,15 @@ def _jsonl_records(path: Path, field: str) -> Iterator[tuple[str, object, int]]:
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                    yield where, Unreadable(f"{where}: not valid JSON ({e.msg}); each line must be one JSON "
+                                            "object"), bad
+                    continue
                 if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                    yield where, Unreadable(f"{where}: expected a JSON object, got {type(record).__name__}"), bad
+                    continue
                 yield where, _field(record, field, where), bad
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except (OSError, EOFError, zlib.error) as e:  # the rest of the file is lost: one bad document
+        yield str(path), Unreadable(f"cannot read {path}: {getattr(e, 'strerror', None) or e}"), 0
 
 
 def _load_dataset(kind: str, spec: SourceSpec, hf_cache: Path | None, **kw):
@@ -172,7 +191,10 @@ def _raw_documents(spec: SourceSpec, hf_cache: Path | None) -> Iterator[tuple[st
     else:
         for path in expand_files(spec.path):
             if path.name.endswith((".txt", ".txt.gz")):
-                yield str(path), _read_bytes(path), 0
+                try:
+                    yield str(path), _read_bytes(path), 0
+                except DataError as e:
+                    yield str(path), Unreadable(str(e)), 0
             elif path.name.endswith((".jsonl", ".jsonl.gz")):
                 yield from _jsonl_records(path, spec.text_field)
             else:
@@ -182,10 +204,12 @@ def _raw_documents(spec: SourceSpec, hf_cache: Path | None) -> Iterator[tuple[st
                 yield from _dataset_records(ds, spec.text_field, str(path))
 
 
-def read_source(spec: SourceSpec, hf_cache: Path | None = None) -> tuple[list[str], SourceStats]:
+def read_source(spec: SourceSpec, hf_cache: Path | None = None,
+                on_bad_document: str = "error") -> tuple[list[str], SourceStats]:
     """All documents of ``spec`` (up to ``max_docs`` read), as valid non-blank strings, and what was skipped.
 
-    Raises DataError naming the path or field on unreadable input.
+    A bad document raises DataError naming the path (and line, or field), or with ``on_bad_document="skip"`` is
+    counted in the stats and left out.
     """
     stats = SourceStats(spec.label())
     texts = []
@@ -195,12 +219,19 @@ def read_source(spec: SourceSpec, hf_cache: Path | None = None) -> tuple[list[st
         stats.documents_read += 1
         if value is None:
             value = ""
+        if not isinstance(value, (bytes, str, Unreadable)):
+            value = Unreadable(f"{name}: text field '{spec.text_field}' holds {type(value).__name__}, not text")
+        if isinstance(value, Unreadable):
+            if on_bad_document != "skip":
+                raise DataError(value.reason + "; or set data.on_bad_document: skip to leave such documents out")
+            stats.bad_skipped += 1
+            if len(stats.bad_examples) < BAD_EXAMPLES:
+                stats.bad_examples.append(value.reason)
+            continue
         if isinstance(value, bytes):
             text, more = decode_utf8(value)
-        elif isinstance(value, str):
-            text, more = clean_text(value)
         else:
-            raise DataError(f"{name}: text field '{spec.text_field}' holds {type(value).__name__}, not text")
+            text, more = clean_text(value)
         bad += more
         if bad:
             stats.invalid_utf8_documents += 1

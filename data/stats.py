@@ -56,7 +56,9 @@ def format_stats(stats: dict) -> str:
     for s in stats["sources"]:
         lines.append(f"  source {s['source']}: {s['documents_kept']:,} documents kept of {s['documents_read']:,} "
                      f"read; empty skipped {s['empty_skipped']:,}; invalid UTF-8 replaced "
-                     f"{s['invalid_utf8_replaced']:,} (in {s['invalid_utf8_documents']:,} documents)")
+                     f"{s['invalid_utf8_replaced']:,} (in {s['invalid_utf8_documents']:,} documents)"
+                     + (f"; bad documents skipped {s['bad_skipped']:,}" if s.get("bad_skipped") else ""))
+        lines += [f"    skipped: {reason}" for reason in s.get("bad_examples", [])]
     lines += [
         f"  documents {stats['documents']:,} ({stats['document_tokens']:,} tokens); shorter than min_doc_tokens: "
         f"{stats['short_filtered']:,} ({stats['short_filtered_tokens']:,} tokens)",

@@ -160,3 +160,43 @@ def test_hub_dataset_that_cannot_load_names_it(tmp_path):
 def test_config_rejects_contradictions(bad, message):
     with pytest.raises(ValidationError, match=message):
         DataConfig(**bad)
+
+
+def bad_folder(tmp_path):
+    """Three good documents among five bad ones: a truncated .txt.gz, a JSONL line that is not JSON, one that is not
+    an object, one without the text field, one whose text is a number; returns the folder and the bad file."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXTS[0])
+    (folder / "b.txt.gz").write_bytes(gzip.compress(TEXTS[1].encode() * 50)[:40])  # a truncated download
+    (folder / "c.jsonl").write_text("\n".join([json.dumps({"text": TEXTS[1]}), "{broken", "[1, 2]",
+                                               json.dumps({"body": "no text field"}), json.dumps({"text": 7}),
+                                               json.dumps({"text": TEXTS[2]})]) + "\n")
+    return folder
+
+
+def test_a_bad_document_names_its_file_and_line_by_default(tmp_path):
+    folder = bad_folder(tmp_path)
+    with pytest.raises(DataError, match=re.escape(f"cannot read {folder / 'b.txt.gz'}")) as e:
+        texts_of(SourceSpec(kind="files", path=str(folder)), tmp_path)
+    assert "data.on_bad_document: skip" in str(e.value) and "\n" not in str(e.value)
+    (folder / "b.txt.gz").unlink()
+    with pytest.raises(DataError, match=re.escape(f"{folder / 'c.jsonl'}:2: not valid JSON")):
+        texts_of(SourceSpec(kind="files", path=str(folder)), tmp_path)
+
+
+def test_on_bad_document_skip_counts_and_names_what_it_left_out(tmp_path, capsys):
+    folder = bad_folder(tmp_path)
+    spec = SourceSpec(kind="files", path=str(folder))
+    texts, stats = read_source(spec, tmp_path / "hf", on_bad_document="skip")
+    assert texts == [TEXTS[0], TEXTS[1], TEXTS[2]]
+    assert (stats.documents_read, stats.bad_skipped, stats.documents_kept) == (8, 5, 3)
+    assert stats.bad_examples[0].startswith(f"cannot read {folder / 'b.txt.gz'}")
+    assert stats.bad_examples[1].startswith(f"{folder / 'c.jsonl'}:2: not valid JSON") and len(stats.bad_examples) == 3
+    cfg = DataConfig(sources=[spec], seq_len=8, cache_dir=str(tmp_path / "c"), on_bad_document="skip")
+    ds = build_packed(cfg, load_tokenizer("tiny-llama"))
+    assert ds.stats["sources"][0]["bad_skipped"] == 5 and ds.stats["documents"] == 3
+    assert "bad documents skipped 5" in capsys.readouterr().err
+    # the default still refuses the same data: a different cache key, so the skipping build is not reused for it
+    with pytest.raises(DataError, match="cannot read"):
+        build_packed(cfg.model_copy(update={"on_bad_document": "error"}), load_tokenizer("tiny-llama"))
