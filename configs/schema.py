@@ -42,6 +42,9 @@ class ModelSection(StrictModel):
     """Attention kernel; `auto` is flash_attention_2 when installed on a GPU, else sdpa."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off by default: it executes someone else's Python."""
+    allow_pickle: bool = False
+    """Load a model that has only `.bin` / `.pt` (pickle) weights. Off by default: only safetensors are loaded;
+    when on, the pickle is read with `torch.load(weights_only=True)`, which refuses one that would run code."""
 
 
 class RopeSection(StrictModel):

@@ -35,11 +35,11 @@ def scaled_config(name: str, method: str, factor: float, params: dict | None = N
 
 def build_model(name: str, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32,
                 attn_implementation: str = "sdpa", trust_remote_code: bool = False, seed: int = 0,
-                scratch: bool = False) -> PreTrainedModel:
+                scratch: bool = False, allow_pickle: bool = False) -> PreTrainedModel:
     """The model ``name`` built with ``config`` (weights loaded, or random from ``seed`` with ``scratch``); a
     ``dynamic_yarn`` config gets its runtime rotary module. In eval mode, as ``models.load.load_model`` returns it."""
     model = load_model(name, config=config, dtype=dtype, attn_implementation=attn_implementation,
-                       trust_remote_code=trust_remote_code, seed=seed, scratch=scratch)
+                       trust_remote_code=trust_remote_code, seed=seed, scratch=scratch, allow_pickle=allow_pickle)
     if rope_of(config)["method"] == "dynamic_yarn":
         # transformers has no dynamic YaRN; a plain reload of the saved config runs static YaRN at the target
         # factor (docs/ropescale.md).

@@ -18,6 +18,7 @@ see ``ropescale.apply`` and ``models.build``.
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from pathlib import Path
 
 import torch
@@ -128,11 +129,6 @@ def resolve(name: str) -> str:
             raise ModelLoadError(f"model folder not found: {path} (expected a folder with config.json)")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
-        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-            raise ModelLoadError(
-                f"{path} holds only .bin (pickle) weights; only safetensors are loaded. Convert them once with "
-                "`model.save_pretrained(folder, safe_serialization=True)` in a trusted environment"
-            )
         return str(path)
     return name  # a hub repo id
 
@@ -174,13 +170,15 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     scratch: bool = False,
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """Build the causal LM ``name`` with ``config`` (default: its own, from ``load_config``).
 
     Pass a config already changed by ``ropescale.apply`` to get a RoPE-scaled model: scaling happens before the model
     is built, so the rotary tables are computed once from the saved config. Tiny presets, and any model with
     ``scratch=True`` (pretraining from scratch), get random weights from ``seed``; otherwise weights are loaded, from
-    safetensors only.
+    safetensors only; with ``allow_pickle`` a model that has only ``.bin`` / ``.pt`` (pickle) weights is loaded too,
+    always with ``torch.load(weights_only=True)``, which refuses a pickle that would run code.
     """
     config = config if config is not None else load_config(name, trust_remote_code=trust_remote_code)
     _check_rope(config, name)
@@ -191,6 +189,14 @@ def load_model(
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         return model.eval()
+    folder = Path(src)
+    pickled = folder.is_dir() and not any(folder.glob("*.safetensors")) and any(
+        f.suffix in (".bin", ".pt") for f in folder.iterdir())
+    if pickled and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder} holds only .bin/.pt (pickle) weights; only safetensors are loaded. Convert them once with "
+            "`model.save_pretrained(folder, safe_serialization=True)` in a trusted environment, or set "
+            "model.allow_pickle: true (loaded with torch.load(weights_only=True))")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src,
@@ -198,9 +204,10 @@ def load_model(
             dtype=dtype,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
-            use_safetensors=True,
+            use_safetensors=None if allow_pickle else True,  # None: safetensors when there, else the pickle
+            weights_only=True,
         )
-    except OSError as e:
+    except (OSError, pickle.UnpicklingError) as e:
         raise ModelLoadError(f"could not load the weights of '{name}' ({src}): {e}".splitlines()[0]) from e
     return model.eval()
 

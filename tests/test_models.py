@@ -1,6 +1,7 @@
 """Model loading: tiny presets, refusal of non-RoPE models, clear errors for missing sources, real SmolLM2."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,11 +66,31 @@ def test_missing_sources_name_what_was_looked_for(tmp_path):
         load_config(str(tmp_path / "empty"))
 
 
-def test_pickle_only_folder_is_refused(tmp_path):
-    LlamaConfig(num_hidden_layers=1).save_pretrained(tmp_path)
-    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ModelLoadError, match="only safetensors are loaded"):
-        resolve(str(tmp_path))
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on ``path``: what a malicious ``pytorch_model.bin`` would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_pickle_weights_are_refused_unless_allowed_and_then_read_as_data_only(tmp_path):
+    model = load_model("tiny-llama", seed=3)
+    model.config.save_pretrained(tmp_path / "bin")  # transformers 5 saves safetensors only: the .bin by hand
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only safetensors are loaded.*model.allow_pickle: true"):
+        load_model(str(tmp_path / "bin"))
+    loaded = load_model(str(tmp_path / "bin"), allow_pickle=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    # a pickle that would run code is refused even when pickles are allowed: torch.load(weights_only=True)
+    evil = tmp_path / "evil"
+    LlamaConfig(num_hidden_layers=1).save_pretrained(evil)
+    torch.save({"model.embed_tokens.weight": _RunsCode(tmp_path / "pwned")}, evil / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="could not load the weights"):
+        load_model(str(evil), allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_unknown_hub_id_fails_with_its_name():

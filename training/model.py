@@ -88,7 +88,7 @@ def trainable_model(cfg: RunConfig, config, precision: str, attn: str, dtype: to
         dtype = torch.bfloat16 if (precision == "bf16" and cfg.lora.enabled) else torch.float32
     model = build_model(cfg.model.name, config, dtype=dtype, attn_implementation=attn,
                         trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
-                        scratch=cfg.model.init == "scratch")
+                        scratch=cfg.model.init == "scratch", allow_pickle=cfg.model.allow_pickle)
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works with frozen embeddings + LoRA
