@@ -1,6 +1,12 @@
 """The packed-set cache: reuse on the same key (no tokenization at all), rebuild on a changed key, nothing
 half-written after a failure."""
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -100,3 +106,34 @@ def test_failed_tokenizing_leaves_nothing(setup, tmp_path):
     root = data.pack.cache_root(cfg)
     assert list((root / "tokens").iterdir()) == []
     assert not (root / "rows").exists() or list((root / "rows").iterdir()) == []
+
+
+def _pack(cache: Path) -> list[str]:
+    return [sys.executable, "-m", "data", "pack", "--model", "tiny-llama", "--seq-len", "256", "--source",
+            "bundled:heldout", "--cache-dir", str(cache)]
+
+
+def _finals(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+@pytest.mark.slow
+def test_a_cache_build_killed_midway_leaves_no_cache_and_the_next_build_is_right(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    cache, clean = tmp_path / "cache", tmp_path / "clean"
+    proc = subprocess.Popen(_pack(cache), cwd=root, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # SIGKILL the moment the build's temporary folder exists (polling the file system, no timing)
+    while proc.poll() is None and not list(cache.glob("tokens/.*.tmp-*")):
+        pass
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _finals(cache / "tokens") == [] and _finals(cache / "rows") == []  # nothing that looks complete
+    subprocess.run(_pack(cache), cwd=root, check=True, capture_output=True)
+    subprocess.run(_pack(clean), cwd=root, check=True, capture_output=True)
+    for kind in ("tokens", "rows"):
+        (built,), (fresh,) = _finals(cache / kind), _finals(clean / kind)
+        assert built.name == fresh.name and list(fresh.glob("*.npy"))
+        for f in sorted(fresh.glob("*.npy")):
+            assert np.array_equal(np.load(built / f.name), np.load(f)), f.name
