@@ -38,6 +38,10 @@ class PackedLoader:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size={batch_size}, "
                             f"rank={rank}, world_size={world_size}")
+        if len(dataset) < world_size * batch_size:  # one step would hold the same row twice
+            raise DataError(f"the packed set has {len(dataset)} rows, fewer than one step takes ({world_size} "
+                            f"process(es) x train.micro_batch_size {batch_size}); add data or lower "
+                            "train.micro_batch_size")
         self.dataset, self.batch_size, self.rank, self.world_size, self.seed = (
             dataset, batch_size, rank, world_size, seed)
         self.consumed_rows = 0

@@ -111,3 +111,10 @@ def test_state_of_another_packed_set_is_refused(ds):
         loader.load_state_dict(state)
     with pytest.raises(DataError, match="same seed"):
         loader.load_state_dict(loader.state_dict() | {"seed": 9})
+
+
+def test_fewer_rows_than_one_step_is_refused(ds):
+    PackedLoader(ds, batch_size=len(ds))  # exactly one step's worth is fine
+    with pytest.raises(DataError, match=rf"has {len(ds)} rows, fewer than one step takes \(2 process\(es\) x "
+                                        rf"train.micro_batch_size {len(ds)}\)"):
+        PackedLoader(ds, batch_size=len(ds), world_size=2)
