@@ -30,10 +30,10 @@ from configs.schema import RunConfig, load_run_config
 from data.loader import PackedLoader
 from data.pack import build_packed
 from training.checkpoint import (
-    acquire_run_lock,
+    RunLock,
     export,
     load_checkpoint,
-    release_run_lock,
+    prepare_run_dir,
     save_checkpoint,
     trained_state,
     write_run_config,
@@ -48,14 +48,15 @@ from training.runtime import (
     StopSignal,
     TrainError,
     device,
-    fault_point,
     init_distributed,
     log,
     peak_memory_gib,
+    raise_on_any_rank,
     rank,
     shutdown,
 )
 from utils.cli import run_cli
+from utils.faults import fault_point
 
 
 class Recipe:
@@ -66,8 +67,7 @@ class Recipe:
         self.run, self.device = Path(cfg.output.dir), device()
         self.state = {"step": 0, "tokens": 0}  # what a checkpoint restores besides DeepSpeed's own state
         self.last_ckpt: Path | None = None
-        self.lock: Path | None = None  # run.lock, held by rank 0 from setup to cleanup
-        self.lock_created = False
+        self.lock: RunLock | None = None  # run.lock, held by rank 0 from setup to cleanup
 
     # ------------------------------------------------------------------------------------------------------ setup
 
@@ -80,8 +80,10 @@ class Recipe:
                                              checked.attn)
         self.model_config, self.tokenizer, ds = checked.model_config, checked.tokenizer, checked.ds
         if rank() == 0:  # one launch per run folder; a second one is refused here, before the rendezvous
-            self.lock_created = not self.run.exists()
-            self.lock = acquire_run_lock(self.run)
+            self.lock = RunLock(self.run).acquire()
+            # the folder may have changed between the check and the lock (another launch just finished)
+            if prepare_run_dir(cfg, self.run, self.resume) != resume_from:
+                raise TrainError(f"output.dir {self.run} changed while this launch started; run it again")
 
         self.rank, self.world = init_distributed(self.device)
         self.stop = StopSignal()
@@ -105,9 +107,13 @@ class Recipe:
 
     def packed_data(self):
         """The packed rows: rank 0 builds (or reuses) the cache, then the other ranks read it."""
+        dataset, failed = None, None
         if self.rank == 0:
-            dataset = build_packed(self.cfg.data, self.tokenizer)
-        torch.distributed.barrier()
+            try:
+                dataset = build_packed(self.cfg.data, self.tokenizer)
+            except Exception as e:  # a bad document: the other ranks must not wait for rank 0 forever
+                failed = e
+        raise_on_any_rank(failed, self.device, "rank 0 could not pack the data")
         return dataset if self.rank == 0 else build_packed(self.cfg.data, self.tokenizer)
 
     # ------------------------------------------------------------------------------------------------------ train
@@ -184,15 +190,12 @@ class Recipe:
         if self.rank == 0:
             try:
                 export(self.cfg, self.model_config, trained, self.run)
-            except TrainError as e:  # a full disk: the other ranks must not wait for rank 0 forever
+            except Exception as e:  # a full disk: the other ranks must not wait for rank 0 forever
                 failed = e
             else:
                 log(f"saved {self.run / 'adapter'} and {self.run / 'merged'}" if self.cfg.lora.enabled
                     else f"saved {self.run / 'merged'}")
-        flag = torch.tensor([0.0 if failed is None else 1.0], device=self.device)
-        torch.distributed.all_reduce(flag)  # in place of a barrier: every rank learns whether the export failed
-        if flag.item() > 0:
-            raise failed or TrainError(f"rank 0 could not write {self.run / 'merged'}")
+        raise_on_any_rank(failed, self.device, f"rank 0 could not write {self.run / 'merged'}")
 
     # ------------------------------------------------------------------------------------------------------- eval
 
@@ -209,11 +212,13 @@ class Recipe:
         """A clean shutdown of the process group (gloo aborts the process otherwise), then the run folder's lock is
         released (and the folder removed if the run was refused before writing anything into it). The progress
         bar is ended first, so that an error line starts a line of its own."""
-        if getattr(self, "metrics", None) is not None:
-            self.metrics.close()
-        shutdown()
-        if self.lock is not None:
-            release_run_lock(self.lock, self.lock_created)
+        try:
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()
+            shutdown()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def train(cfg: RunConfig, resume: str = "never") -> Path:

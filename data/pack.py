@@ -39,6 +39,7 @@ from data.config import DataConfig, DataError, SourceSpec
 from data.sources import read_source, source_fingerprint
 from data.stats import format_stats, packing_stats
 from data.tokenize import special_ids, tokenize_texts, tokenizer_fingerprint
+from utils.faults import fault_point
 from utils.files import atomic_dir, write_json
 from utils.schema import validate
 
@@ -176,6 +177,7 @@ def tokenized_documents(cfg: DataConfig, tokenizer, root: Path, key: str) -> Pat
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         np.save(tmp / "source.npy", np.array(source_of, dtype=np.int32))
         write_json(tmp / META, {"key": key, "sources": source_stats}, indent=2)
+        fault_point("pack/tokens")  # the crash tests' SIGKILL, before the rename (utils/faults.py)
     return final
 
 

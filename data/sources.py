@@ -175,7 +175,8 @@ def _dataset_records(ds, field: str, where: str) -> Iterator[tuple[str, object, 
 
 
 def _raw_documents(spec: SourceSpec, hf_cache: Path | None) -> Iterator[tuple[str, object, int]]:
-    """(name, value, invalid UTF-8 sequences already replaced) in source order; value is str, bytes or None."""
+    """(name, value, invalid UTF-8 sequences already replaced) in source order; value is str, bytes, None, or
+    Unreadable for a bad document."""
     if spec.kind == "bundled":
         for doc in load_corpus(spec.split):
             yield doc.name, doc.text, 0
@@ -209,7 +210,7 @@ def read_source(spec: SourceSpec, hf_cache: Path | None = None,
     """All documents of ``spec`` (up to ``max_docs`` read), as valid non-blank strings, and what was skipped.
 
     A bad document raises DataError naming the path (and line, or field), or with ``on_bad_document="skip"`` is
-    counted in the stats and left out.
+    counted in the stats and left out; like an empty one, it counts toward ``max_docs`` (documents read).
     """
     stats = SourceStats(spec.label())
     texts = []

@@ -161,6 +161,20 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConf
     return _check_rope(_plain_config(config), name)
 
 
+def check_weights_format(name: str, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder whose weights are only ``.bin`` / ``.pt`` (pickle) unless ``allow_pickle``: the
+    check ``load_model`` makes, callable before anything starts (train.py's preflight). Hub ids are not checked
+    here: their weights are fetched as safetensors (or, with ``allow_pickle``, read with weights_only)."""
+    folder = Path(name).expanduser()
+    pickled = folder.is_dir() and not any(folder.glob("*.safetensors")) and any(
+        f.suffix in (".bin", ".pt") for f in folder.iterdir())
+    if pickled and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder} holds only .bin/.pt (pickle) weights; only safetensors are loaded. Convert them once with "
+            "`model.save_pretrained(folder, safe_serialization=True)` in a trusted environment, or set "
+            "model.allow_pickle: true (loaded with torch.load(weights_only=True))")
+
+
 def load_model(
     name: str,
     *,
@@ -189,14 +203,7 @@ def load_model(
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         return model.eval()
-    folder = Path(src)
-    pickled = folder.is_dir() and not any(folder.glob("*.safetensors")) and any(
-        f.suffix in (".bin", ".pt") for f in folder.iterdir())
-    if pickled and not allow_pickle:
-        raise ModelLoadError(
-            f"{folder} holds only .bin/.pt (pickle) weights; only safetensors are loaded. Convert them once with "
-            "`model.save_pretrained(folder, safe_serialization=True)` in a trusted environment, or set "
-            "model.allow_pickle: true (loaded with torch.load(weights_only=True))")
+    check_weights_format(src, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src,

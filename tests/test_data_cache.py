@@ -121,14 +121,11 @@ def _finals(folder: Path) -> list[Path]:
 def test_a_cache_build_killed_midway_leaves_no_cache_and_the_next_build_is_right(tmp_path):
     root = Path(__file__).resolve().parents[1]
     cache, clean = tmp_path / "cache", tmp_path / "clean"
-    proc = subprocess.Popen(_pack(cache), cwd=root, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    # SIGKILL the moment the build's temporary folder exists (polling the file system, no timing)
-    while proc.poll() is None and not list(cache.glob("tokens/.*.tmp-*")):
-        pass
-    assert proc.poll() is None, "the build finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # SIGKILLed once the documents are tokenized into the temporary folder, before the rename (utils/faults.py)
+    killed = subprocess.run(_pack(cache), cwd=root, capture_output=True, env={**os.environ,
+                                                                               "ROPESCALE_FAULT": "pack/tokens:0"})
+    assert killed.returncode == -signal.SIGKILL
+    assert list(cache.glob("tokens/.*.tmp-*")), "the kill came before the temporary folder was written"
     assert _finals(cache / "tokens") == [] and _finals(cache / "rows") == []  # nothing that looks complete
     subprocess.run(_pack(cache), cwd=root, check=True, capture_output=True)
     subprocess.run(_pack(clean), cwd=root, check=True, capture_output=True)

@@ -104,7 +104,8 @@ def test_decay_criterion_by_hand():
     assert theory.satisfies_decay(2, 10.0, 2) and not theory.satisfies_decay(2, 10.0, 3)
     assert theory.base_lower_bound(2, 3, stop=1e6) is None
     b = theory.base_lower_bound(16, 64)
-    below = float(f"{b:.2g}") - 10 ** (math.floor(math.log10(b)) - 1)  # the grid point before b
+    step = 10 ** (math.floor(math.log10(b)) - 1)  # the grid's spacing in b's decade
+    below = b - step if round(b / step) > 10 else b * 0.99  # the grid point before b (9.9e(k-1) before 1.0e(k))
     assert theory.satisfies_decay(16, b, 64) and not theory.satisfies_decay(16, below, 64)
     exponents = -torch.arange(0, 16, 2, dtype=torch.float64) / 16
     assert theory.decay_sum(b**exponents, 64).min() >= 0 > theory.decay_sum(below**exponents, 64).min()

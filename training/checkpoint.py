@@ -5,11 +5,13 @@ exported adapter and merged model.
 Every folder is written under a temporary name and renamed once complete, so a crash mid-write leaves the previous
 one as the newest complete one. A checkpoint's ``manifest.json`` (every file and its size, written last before the
 rename) lets ``--resume auto`` skip a newest checkpoint that was cut off or damaged afterwards. One launch at a time
-writes a run folder: ``run.lock`` holds the PID and host of the launch that owns it.
+writes a run folder: ``RunLock``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -22,7 +24,8 @@ import yaml
 
 from configs.schema import RunConfig
 from training.model import LossModule, tokenizer_of, trainable_model
-from training.runtime import TrainError, fault_point, log, rank
+from training.runtime import TrainError, log, rank
+from utils.faults import fault_point
 from utils.files import replace_dir, write_atomic
 
 CHECKPOINT_PREFIX = "step-"
@@ -62,6 +65,9 @@ def prepare_run_dir(cfg: RunConfig, run: Path, resume: str) -> Path | None:
             if problem is None:
                 return ckpt
             log(f"warning: skipping checkpoint {ckpt}: {problem}; trying the one before it")
+        if ckpts:  # never silently start over in a folder that holds checkpoints
+            raise TrainError(f"output.dir {run} holds checkpoints but none is complete (see the warnings); resume "
+                             "from one with --resume PATH after checking it, or choose another output.dir")
         return None
     path = Path(resume)
     if not (path / DS_TAG).is_dir():
@@ -72,60 +78,64 @@ def prepare_run_dir(cfg: RunConfig, run: Path, resume: str) -> Path | None:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+class RunLock:
+    """``run/run.lock``, held with ``flock`` by rank 0 from setup to cleanup: one launch per run folder.
 
+    The kernel holds the lock, not the file: it ends when the process ends, however it ends (a SIGKILLed launch
+    leaves a file nobody holds, and the next launch takes it with a warning), so neither a reused PID nor a changed
+    host name can make a dead launch look alive. The file records the holder's PID and host for the refusal
+    message."""
 
-def acquire_run_lock(run: Path) -> Path:
-    """Create ``run/run.lock`` (PID and host of this launch) or refuse: another live launch holds the folder. A lock
-    whose process is gone (same host, PID not running) is taken over with a warning; a lock from another host
-    cannot be checked and is refused. Returns the lock file; ``release_run_lock`` removes it."""
-    run.mkdir(parents=True, exist_ok=True)
-    lock = run / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    def __init__(self, run: Path):
+        self.path, self.created, self.fd = run / LOCK, not run.exists(), None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise TrainError naming the launch that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                held = json.loads(lock.read_text())
-                pid, host = int(held["pid"]), str(held["host"])
-            except (OSError, ValueError, KeyError, TypeError):
-                held, pid, host = None, -1, me["host"]  # unreadable: a launch killed while writing it
-            if host != me["host"]:
-                raise TrainError(f"output.dir {run} is locked by a launch on host {host} (pid {pid}); if no run is "
-                                 f"active there, delete {lock}") from None
-            if _pid_alive(pid):
-                raise TrainError(f"output.dir {run} is in use by another launch (pid {pid} on {host}); wait for "
-                                 "it or choose another output.dir") from None
-            log(f"warning: taking over the stale lock {lock} (pid {pid} on {host} is gone)")
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return lock
-    raise TrainError(f"could not take the lock {lock}: another launch took it at the same moment")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = _lock_holder(fd)
+                os.close(fd)
+                raise TrainError(f"output.dir {self.path.parent} is in use by another launch ({held}); wait for it "
+                                 "or choose another output.dir") from None
+            try:  # the file we locked must still be the one at the path (a releasing launch unlinks it)
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = _lock_holder(fd)
+        if previous != "unknown":
+            log(f"warning: taking over the lock {self.path} left by a launch that is gone ({previous})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the file and drop the lock; the run folder too if this launch created it and left it empty."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still holding it: a waiting launch then sees another inode
+        os.close(self.fd)
+        self.fd = None
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()  # only when empty
 
 
-def release_run_lock(lock: Path, created: bool) -> None:
-    """Remove ``lock`` if this process holds it; with ``created`` (the run folder did not exist before the lock),
-    also remove the folder when nothing else was written into it."""
+def _lock_holder(fd: int) -> str:
+    """``pid N on HOST`` from a lock file's contents, else ``unknown``."""
     try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError, AttributeError):
-        return
-    if created:
-        try:
-            lock.parent.rmdir()  # only when empty
-        except OSError:
-            pass
+        held = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return f"pid {int(held['pid'])} on {held['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
 
 
 def check_same_run(saved: dict, now: dict, run: Path) -> None:
@@ -171,13 +181,14 @@ def write_manifest(folder: Path) -> None:
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """What is wrong with a checkpoint against its manifest (a missing or cut-off file, no manifest), else None.
+    """What is wrong with a checkpoint against its manifest (a missing or cut-off file), else None.
     Sizes, not hashes: a multi-GB checkpoint is checked in milliseconds, and a write cut off by a crash or a full
     disk changes the size."""
     try:
         files = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        return f"no {MANIFEST} (written by an interrupted save or an older version)"
+    except FileNotFoundError:  # saved before manifests existed: the rename alone marked it complete
+        log(f"warning: {folder} has no {MANIFEST} (saved by an older version); its files are not checked")
+        return None
     except (OSError, ValueError) as e:
         return f"unreadable {MANIFEST} ({e})"
     for name, size in files.items():
@@ -222,12 +233,16 @@ def arm_deepspeed_faults(engine, step: int) -> None:
     engine.checkpoint_engine.save = save_then_fault
 
 
-# What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save (its zip writer reports
-# a short write as "unexpected pos"), SafetensorError from safetensors.
-def _write_errors() -> tuple[type[BaseException], ...]:
+def is_write_error(error: BaseException) -> bool:
+    """Whether ``error`` is a failed write (a full disk, a quota, a file size limit): an OSError from Python's own
+    writes, a SafetensorError from safetensors, or torch.save's zip writer reporting a short write ("unexpected
+    pos", "file write failed") as a RuntimeError. Anything else is not reported as a space problem."""
     from safetensors import SafetensorError
 
-    return (OSError, RuntimeError, SafetensorError)
+    if isinstance(error, (OSError, SafetensorError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "write failed" in text)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -272,16 +287,19 @@ def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last
         engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=state, save_latest=False,
                                exclude_frozen_parameters=True)
         torch.save({"loader": loader.state_dict(), "rng": rng_state()}, tmp / f"rank{me:03d}.pt")
-    except _write_errors() as e:
+    except Exception as e:
         failed = e
     fault_point("checkpoint", step)
+    need = need or folder_bytes(tmp)  # the first checkpoint: at least what was written before the failure
     # every rank learns whether any rank's write failed (in place of a barrier)
     flag = torch.tensor([0.0 if failed is None else 1.0], device=engine.device)
     dist.all_reduce(flag)
     if flag.item() > 0:
         if me == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(final, failed or "another rank's write failed", need or folder_bytes(tmp), kept)
+        if failed is not None and not is_write_error(failed):
+            raise failed
+        raise write_failure(final, failed or "another rank's write failed", need, kept)
     if me == 0:
         try:
             write_manifest(tmp)
@@ -349,9 +367,11 @@ def export(cfg: RunConfig, config, trained: dict[str, torch.Tensor], run: Path) 
         shutil.rmtree(run / f".tmp-{name}", ignore_errors=True)
     try:
         write_export(cfg, config, model, trained, run)
-    except _write_errors() as e:
+    except Exception as e:
         for name in ("adapter", "merged"):
             shutil.rmtree(run / f".tmp-{name}", ignore_errors=True)
+        if not is_write_error(e):
+            raise
         # the merged fp32 weights dominate; the adapter is a fraction of them
         need = sum(p.numel() * 4 for p in model.parameters())
         ckpts = complete_checkpoints(run)

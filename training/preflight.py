@@ -2,10 +2,11 @@
 
 ``preflight(cfg, resume)`` is the first step of the recipe's setup and of ``train.py --dry-run``: the run folder
 against ``--resume``, the precision and attention kernel this machine can give, the model config with the RoPE
-method applied (and the training length against the model's original context), the tokenizer, the files the data
-sources name, and the DeepSpeed JSON with its ``auto`` values filled. Each refusal is a UserError (one ``error:``
-line, exit status 2); nothing is written. (What only reading the documents can find, such as a truncated ``.gz``,
-is found when rank 0 packs the data: still before the run folder is written, see train.py's setup.)
+method applied (and the training length against the model's original context), the weights' format (pickles only
+with ``model.allow_pickle``), the tokenizer, the files the data sources name, and the DeepSpeed JSON with its
+``auto`` values filled. Each refusal is a UserError (one ``error:`` line, exit status 2); nothing is written. (What
+only reading the documents can find, such as a truncated ``.gz``, is found when rank 0 packs the data: still before
+the run folder is written, see train.py's setup.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from configs.schema import RunConfig
 from data.sources import expand_files
+from models.load import check_weights_format
 from training.checkpoint import prepare_run_dir
 from training.engine import ds_config
 from training.model import model_config, tokenizer_of
@@ -44,6 +46,8 @@ def preflight(cfg: RunConfig, resume: str | None) -> Preflight:
     precision, why = choose_precision(cfg.train.precision, dev)
     attn = attn_implementation(cfg, dev)
     config = model_config(cfg)
+    if cfg.model.init == "pretrained":
+        check_weights_format(cfg.model.name, cfg.model.allow_pickle)
     tokenizer = tokenizer_of(cfg)
     for spec in cfg.data.sources:
         if spec.kind == "files":

@@ -116,6 +116,16 @@ def attn_implementation(cfg: RunConfig, dev: torch.device) -> str:
     return requested
 
 
+def raise_on_any_rank(error: BaseException | None, dev: torch.device, message: str) -> None:
+    """In place of a barrier after work that can fail on some ranks only (rank 0 packing the data, writing the
+    export): every rank learns whether any failed, and then all raise, this rank's own error or TrainError(message),
+    so that no rank waits forever for one that left."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=dev)
+    torch.distributed.all_reduce(flag)
+    if flag.item() > 0:
+        raise error if error is not None else TrainError(message)
+
+
 def peak_memory_gib(dev: torch.device) -> float:
     """Peak memory of this process: the CUDA allocator's peak on GPUs (reset at each call), max RSS on CPU
     (high-water mark since the process started; Linux reports KiB)."""
@@ -149,14 +159,3 @@ class StopSignal:
         return bool(flag.item())
 
 
-def fault_point(where: str, step: int) -> bool:
-    """Fault injection for the crash tests, off unless ``ROPESCALE_FAULT`` is set: ``checkpoint:5`` SIGKILLs rank 0
-    in the middle of writing the step-5 checkpoint (after DeepSpeed and every rank wrote their files),
-    ``checkpoint/rename:5`` after the manifest, just before the rename, and ``checkpoint/model:5`` /
-    ``checkpoint/optimizer:5`` inside DeepSpeed's save (training.checkpoint.arm_deepspeed_faults); ``nan_loss:3``
-    returns True on every rank at step 3 (the caller then turns the loss into NaN)."""
-    if os.environ.get("ROPESCALE_FAULT") != f"{where}:{step}":
-        return False
-    if where.startswith("checkpoint") and rank() == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
