@@ -115,7 +115,8 @@ def measured_markdown(plan: dict, guide: bool = True) -> list[str]:
     loss-by-position picture and the next step)."""
     ms, L = plan["measured"], plan["model"]["original_len"]
     lines = ["", f"## Measured: training-free loss at {plan['model']['target']:,} tokens", "",
-             f"Data: {ms['data']}; {ms['windows']} window(s) of {plan['model']['target']:,} tokens; native cost = "
+             f"Data: {ms['data']}; {ms['windows']} window(s) of {plan['model']['target']:,} tokens, scored in "
+             f"{ms['dtype']}; native cost = "
              f"mean loss over positions below L = {L:,} minus the unscaled model's; effective context: the start of "
              f"the first position bucket past L whose loss exceeds the unscaled model's loss over positions L/2..L-1 "
              f"by more than {ms['tolerance']:g} nats.", "", "### Recommendation", "",
