@@ -24,7 +24,7 @@ import yaml
 
 from configs.schema import RunConfig
 from training.model import LossModule, tokenizer_of, trainable_model
-from training.runtime import TrainError, log, rank
+from training.runtime import TrainError, log, raise_on_any_rank, rank
 from utils.faults import fault_point
 from utils.files import replace_dir, write_atomic
 
@@ -291,15 +291,14 @@ def save_checkpoint(engine, run: Path, step: int, state: dict, loader, keep_last
         failed = e
     fault_point("checkpoint", step)
     need = need or folder_bytes(tmp)  # the first checkpoint: at least what was written before the failure
-    # every rank learns whether any rank's write failed (in place of a barrier)
-    flag = torch.tensor([0.0 if failed is None else 1.0], device=engine.device)
-    dist.all_reduce(flag)
-    if flag.item() > 0:
+    try:  # every rank learns whether any rank's write failed (in place of a barrier)
+        raise_on_any_rank(failed, engine.device, "another rank's write failed")
+    except Exception as e:
         if me == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if failed is not None and not is_write_error(failed):
-            raise failed
-        raise write_failure(final, failed or "another rank's write failed", need, kept)
+            raise
+        raise write_failure(final, e, need, kept) from None
     if me == 0:
         try:
             write_manifest(tmp)
