@@ -16,12 +16,16 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	@touch $@
 
-# The whole suite, slow tests included (they are marked `slow`; `make test-fast` leaves them out).
+# The whole suite, slow tests included (they are marked `slow`; `make test-fast` leaves them out), on two pytest-xdist
+# workers, one test file at a time each (tests/conftest.py: one thread per worker, the files with the most slow tests
+# first). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: venv
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest $(XDIST) --durations=15
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 # The main job on the embedded CPU default (launch/demo.py): the testbed base (a small Llama pretrained here at a
 # native 256 tokens; built once into runs/testbed/model, then reused), YaRN s=4 LoRA fine-tuning under DeepSpeed with

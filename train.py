@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -55,7 +54,7 @@ from training.runtime import (
     rank,
     shutdown,
 )
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 from utils.faults import fault_point
 
 
@@ -267,4 +266,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

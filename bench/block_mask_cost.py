@@ -86,4 +86,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    from utils.cli import exit_process
+
     main()
+    exit_process(0)

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
+from utils.cli import exit_process  # noqa: E402
 from eval.perplexity import plan_windows, score  # noqa: E402
 from models.loss import IGNORE_INDEX, chunked_causal_lm_loss  # noqa: E402
 from models.load import load_model, load_tokenizer  # noqa: E402
@@ -170,3 +171,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import emit_record, machine  # noqa: E402
+from utils.cli import exit_process  # noqa: E402
 from bench.train_paths import MODELS, VARIANTS, launch  # noqa: E402
 
 PAIRS = {  # --precision: (ours, baseline)
@@ -147,3 +148,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

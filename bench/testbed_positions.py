@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.corpus import load_corpus  # noqa: E402
 from eval.common import load_eval_model  # noqa: E402
 from models.loss import causal_lm_parts, chunked_causal_lm_loss  # noqa: E402
+from utils.cli import exit_process  # noqa: E402
 
 METHODS = ("linear", "ntk_aware", "ntk_by_parts", "yarn")
 
@@ -77,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -47,7 +47,7 @@ from ropescale.apply import head_dim_of  # noqa: E402
 from training.engine import ds_config, optimizer_step, trainable_engine  # noqa: E402
 from training.model import extra_param_names, lora_config, model_config  # noqa: E402
 from training.runtime import attn_implementation, choose_precision, device, init_distributed, shutdown  # noqa: E402
-from utils.cli import free_port  # noqa: E402
+from utils.cli import exit_process, free_port  # noqa: E402
 
 
 class Variant(NamedTuple):
@@ -339,3 +339,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

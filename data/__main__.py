@@ -7,12 +7,11 @@ itself never does (it is handed a tokenizer); nothing imports this module.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from data.config import DataConfig, DataError
 from data.pack import build_packed, parse_source
 from models.load import load_tokenizer
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 from utils.files import write_json
 from utils.schema import validate
 
@@ -54,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

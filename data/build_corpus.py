@@ -24,13 +24,12 @@ import importlib.resources
 import json
 import sqlite3
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from data.config import DataError
 from data.rdata import read_lazyload_db
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 AUSTEN_DEB = "r-cran-janeaustenr_1.0.0-1_all.deb"
@@ -153,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

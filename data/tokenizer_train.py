@@ -15,12 +15,11 @@ same corpus and settings give a byte-identical ``tokenizer.json``.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from data.config import DataError
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 from utils.files import atomic_dir
 
 SPECIALS = ("<s>", "</s>", "<pad>")
@@ -74,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from eval.common import EvalError, length_axis, log
 from eval.passkey import draw_heatmap
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic
 
 KINDS = ("perplexity", "passkey")
@@ -229,4 +229,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_process(run_cli(main))

@@ -33,7 +33,7 @@ from eval.common import (
     log,
     parse_int_list,
 )
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
 
 DEFINITION = (
@@ -294,4 +294,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_process(run_cli(main))

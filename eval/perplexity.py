@@ -37,7 +37,7 @@ from eval.common import (
     length_axis,
 )
 from models.loss import IGNORE_INDEX, causal_lm_parts, chunked_causal_lm_loss
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
 
 MODES = ("sliding", "truncate")
@@ -345,4 +345,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_process(run_cli(main))

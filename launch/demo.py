@@ -32,7 +32,7 @@ import torch
 from configs.schema import load_run_config
 from launch.testbed import MODEL_DIR, TestbedError, build, deepspeed_launcher
 from training.runtime import choose_precision
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 
 CONFIG = Path("configs/testbed/yarn_4x.yaml")
 DEMO_DIR = Path("runs/demo")
@@ -133,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -7,11 +7,10 @@ starting anything (the plan itself: ``training.memory``; ``train.py --dry-run`` 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from configs.schema import load_run_config
 from training.memory import dry_run_text, format_plan, plan_memory
-from utils.cli import run_cli
+from utils.cli import exit_process, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -59,7 +59,7 @@ if __package__ in (None, ""):  # `python launch/sweep.py`: make the repository r
 
 from configs.schema import ConfigError, RunConfig, load_run_config, parse_overrides  # noqa: E402
 from training.checkpoint import complete_checkpoints, public_config  # noqa: E402
-from utils.cli import free_port, run_cli  # noqa: E402
+from utils.cli import exit_process, free_port, run_cli  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 from utils.schema import StrictModel, validate  # noqa: E402
 
@@ -618,4 +618,4 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

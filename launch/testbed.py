@@ -36,7 +36,7 @@ import yaml
 from configs.schema import RunConfig, load_run_config
 from models.build import apply_arch
 from models.load import load_config, load_tokenizer
-from utils.cli import UserError, free_port, run_cli
+from utils.cli import UserError, exit_process, free_port, run_cli
 from utils.files import atomic_dir, file_sha256, json_digest, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,4 +205,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -20,7 +20,7 @@ from models.load import load_config
 from training.runtime import choose_precision
 from ropescale import inspect, plan
 from ropescale.methods import RopeConfigError
-from utils.cli import UserError, run_cli
+from utils.cli import UserError, exit_process, run_cli
 from utils.files import write_atomic
 
 
@@ -116,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,4 +1,4 @@
-"""The training benches end to end at tiny settings (tiny-llama preset, 256-512 tokens, one thread per process):
+"""The training benches end to end at tiny settings (tiny-llama preset, 256-384 tokens, one thread per process):
 every path runs, prints its figures and the final JSON line; the memory cap of bench/max_seq_len.py kills a probe
 that goes over it. About a minute on 2 CPU cores."""
 
@@ -26,22 +26,22 @@ def _bench(script: str, *args: str, out: Path) -> dict:
 
 def test_train_throughput_all_paths(tmp_path):
     paths = ["ours-fp32", "ours", "ours-zero2x2", "trainer", "trainer-bf16"]
-    r = _bench("train_throughput.py", "--model", "tiny-llama", "--lengths", "256,512", "--warmup-len", "128",
+    r = _bench("train_throughput.py", "--model", "tiny-llama", "--lengths", "384", "--warmup-len", "128",
                "--paths", ",".join(paths), out=tmp_path / "train.json")
     assert {"cpu", "cores", "torch", "date"} <= r["machine"].keys()
     assert r["matmul_tflops"]["fp32"]["best"] > 0 and r["matmul_tflops"]["bf16"]["best"] > 0
     got = {(row["variant"], row["seq_len"]): row for row in r["results"]}
-    assert got.keys() == {(p, n) for p in paths for n in (256, 512)}  # the warm-up step is not reported
+    assert got.keys() == {(p, n) for p in paths for n in (384,)}  # the warm-up step is not reported
     for row in r["results"]:
         assert row["tokens_per_s"] > 0 and row["peak_rss_gib"] > 0 and 0 < row["mfu"]
         assert row["tokens"] == row["seq_len"] * row["procs"]
-    two = got[("ours-zero2x2", 512)]
+    two = got[("ours-zero2x2", 384)]
     assert two["procs"] == 2 and len(two["peak_rss_gib_per_proc"]) == 2
     assert two["peak_rss_gib"] == pytest.approx(sum(two["peak_rss_gib_per_proc"]), abs=2e-3)
-    assert got[("trainer", 256)]["precision"] == "fp32" and got[("trainer-bf16", 256)]["precision"] == "bf16"
+    assert got[("trainer", 384)]["precision"] == "fp32" and got[("trainer-bf16", 384)]["precision"] == "bf16"
     comparisons = {(x["comparison"], x["seq_len"]) for x in r["ratios"]}
-    assert ("equal precision: fp32 = fp32", 512) in comparisons
-    assert ("default: ours vs trainer", 512) in comparisons
+    assert ("equal precision: fp32 = fp32", 384) in comparisons
+    assert ("default: ours vs trainer", 384) in comparisons
     for x in r["ratios"]:
         assert x["speed_ratio"] > 0 and x["memory_ratio"] > 0
 

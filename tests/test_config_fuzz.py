@@ -7,7 +7,7 @@ import copy
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from configs.schema import RunConfig, load_run_config
@@ -73,6 +73,7 @@ def base_config(tmp: Path) -> dict:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(KEYS), value=VALUES)
+@example(key="data", value={"\n": 0})  # found by this test: an unknown key holding a newline made two lines
 def test_any_value_for_any_key_is_a_run_or_one_line(tmp_path, key, value):
     raw = base_config(tmp_path)
     put(raw, key, value)

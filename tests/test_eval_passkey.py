@@ -136,14 +136,15 @@ def test_same_seed_same_numbers(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_retrieves_the_pass_key_at_4096_tokens():
+def test_smollm2_retrieves_the_pass_key_at_2048_tokens():
     """A real model inside its native window (8k) must retrieve the key; if not, prompt or decoding is wrong.
 
-    Raw prompt, no chat template, no BOS (SmolLM2's tokenizer adds none): 10/10 on this machine, ~100 s.
+    Raw prompt, no chat template, no BOS (SmolLM2's tokenizer adds none): one key per depth at 2,048 tokens (5/5 on
+    this machine, and 10/10 at 4,096 with two keys per depth, which costs four times as long).
     """
     model, tok = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
-    out = evaluate_passkey(model, tok, [4096], [0.0, 0.25, 0.5, 0.75, 1.0], trials=2, seed=0)
+    out = evaluate_passkey(model, tok, [2048], [0.0, 0.25, 0.5, 0.75, 1.0], trials=1, seed=0)
     trials = [t for c in out["cells"] for t in c["trials"]]
-    assert len(trials) == 10 and all(4000 < t["prompt_tokens"] <= 4086 for t in trials)
+    assert len(trials) == 5 and all(1950 < t["prompt_tokens"] <= 2038 for t in trials)
     accuracy = sum(t["correct"] for t in trials) / len(trials)
     assert accuracy >= 0.8, [(c["depth"], t["key"], t["answer"]) for c in out["cells"] for t in c["trials"]]

@@ -6,172 +6,28 @@ Every run here is `configs/cpu_tiny.yaml` (tiny-llama, YaRN s=2, 512-token rows)
 import gzip
 import json
 import os
-import random
 import re
 import resource
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils.cli import free_port
-from tests.helpers import losses
+from tests.helpers import PY, ROOT, losses, train, train_cmd, train_env
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-DEEPSPEED = str(Path(PY).parent / "deepspeed")
 pytestmark = pytest.mark.slow
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="", PYTHONUNBUFFERED="1", **extra)
-    env.pop("WANDB_MODE")
-    return env
-
-
-
-def _cmd(run: Path, *sets: str, nproc: int = 1, resume: str | None = None) -> list[str]:
-    launcher = [PY] if nproc == 1 else [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port())]
-    cmd = launcher + ["train.py", "--config", "configs/cpu_tiny.yaml", "--set", f"output.dir={run}"]
-    for s in sets:
-        cmd += ["--set", s]
-    return cmd + (["--resume", resume] if resume else [])
-
-
-def _train(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, check: bool = True, **env):
-    r = subprocess.run(_cmd(run, *sets, nproc=nproc, resume=resume), cwd=ROOT, env=_env(**env),
-                       capture_output=True, text=True, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
-
-def _adapter(run: Path) -> dict[str, torch.Tensor]:
-    weights = load_file(run / "adapter" / "adapter_model.safetensors")
-    weights.update(load_file(run / "adapter" / "trainable_extra.safetensors"))
-    return weights
-
-
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_process_deepspeed_lora_loss_falls(tmp_path, stage):
-    run = tmp_path / f"zero{stage}"
-    _train(run, f"deepspeed.config=configs/deepspeed/zero{stage}.json", "train.micro_batch_size=1", nproc=2)
-    got = losses(run)
-    assert len(got) == 10
-    assert got[-1] < got[0] - 0.5, got
-    assert (run / "merged" / "model.safetensors").is_file()
 
 
 def test_one_and_two_processes_agree_at_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _train(one, "train.micro_batch_size=2", "train.max_steps=5")
-    _train(two, "train.micro_batch_size=1", "train.max_steps=5", nproc=2)
+    train(one, "train.micro_batch_size=2", "train.max_steps=5")
+    train(two, "train.micro_batch_size=1", "train.max_steps=5", nproc=2)
     a, b = losses(one), losses(two)
     assert abs(a[4] - b[4]) < 1e-3, (a, b)
-
-
-def _kill_at_random_step(run: Path, *sets: str, nproc: int, seed: int) -> int:
-    """Start a run, SIGKILL its whole process group once a randomly chosen step has been logged."""
-    target = random.Random(seed).randint(4, 12)
-    proc = subprocess.Popen(_cmd(run, *sets, nproc=nproc), cwd=ROOT, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= target:
-            break
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return len(metrics.read_text().splitlines())
-
-
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_and_resume_auto_reproduce_the_uninterrupted_run(tmp_path, nproc):
-    sets = ("train.max_steps=16", "train.save_every=3", "train.micro_batch_size=1", "lora.dropout=0.1")
-    full, broken = tmp_path / "full", tmp_path / "broken"
-    _train(full, *sets, nproc=nproc)
-    killed_at = _kill_at_random_step(broken, *sets, nproc=nproc, seed=nproc)
-    assert killed_at < 16 and not (broken / "merged").exists()
-    _train(broken, *sets, nproc=nproc, resume="auto")
-    a, b = losses(full), losses(broken)
-    assert len(b) == 16
-    wa, wb = _adapter(full), _adapter(broken)
-    assert wa.keys() == wb.keys()
-    if nproc == 1:  # bit-exact
-        assert a == b
-        assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    else:
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
-        assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-
-
-def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path):
-    sets = ("train.max_steps=16", "train.save_every=0")
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    _train(full, *sets)
-    proc = subprocess.Popen(_cmd(stopped, *sets), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = stopped / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
-        pass
-    proc.send_signal(signal.SIGTERM)  # a scheduler's preemption
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-2000:]
-    step = len(losses(stopped))
-    assert 4 <= step < 16 and "Traceback" not in err
-    assert f"SIGTERM: saved {stopped / 'checkpoints' / f'step-{step:06d}'}" in out
-    assert not (stopped / "merged").exists()
-    _train(stopped, *sets, resume="auto")
-    assert losses(stopped) == losses(full)
-
-
-KILL_SETS = ("train.max_steps=10", "train.save_every=5")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The per-step losses of the uninterrupted KILL_SETS run."""
-    run = tmp_path_factory.mktemp("full") / "run"
-    _train(run, *KILL_SETS)
-    return losses(run)
-
-
-# SIGKILL at each point of the step-10 save: after DeepSpeed's model states, after its optimizer states, after
-# every rank's data position and RNG, after the manifest (just before the rename)
-@pytest.mark.parametrize("point", ["checkpoint/model", "checkpoint/optimizer", "checkpoint", "checkpoint/rename"])
-def test_kill_during_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, uninterrupted, point):
-    broken = tmp_path / "broken"
-    r = _train(broken, *KILL_SETS, check=False, ROPESCALE_FAULT=f"{point}:10")
-    assert r.returncode == -signal.SIGKILL
-    ckpts = sorted(p.name for p in (broken / "checkpoints").iterdir())
-    assert ckpts == [".tmp-step-000010", "step-000005"]  # the half-written one never got its final name
-    _train(broken, *KILL_SETS, resume="auto")
-    assert losses(broken) == uninterrupted
-    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
-
-
-def test_a_cut_off_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
-    sets = ("train.max_steps=10", "train.save_every=2")
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    _train(full, *sets)
-    r = _train(cut, *sets, check=False, ROPESCALE_FAULT="nan_loss:7")  # stops after step 6: step-4, step-6 kept
-    assert r.returncode == 2
-    newest = cut / "checkpoints" / "step-000006"
-    victim = newest / "rank000.pt"
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a write cut off by a crash or full disk
-    r = _train(cut, *sets, resume="auto")
-    assert f"warning: skipping checkpoint {newest}: rank000.pt is" in r.stdout
-    assert f"resumed from {cut / 'checkpoints' / 'step-000004'} at step 4" in r.stdout
-    assert losses(cut) == losses(full)
 
 
 def test_a_second_launch_into_a_busy_run_folder_is_refused(tmp_path):
@@ -185,14 +41,14 @@ def test_a_second_launch_into_a_busy_run_folder_is_refused(tmp_path):
         json.dump(holder, f)
         f.flush()
         fcntl.flock(f, fcntl.LOCK_EX)
-        r = _train(run, "train.max_steps=2", check=False)
+        r = train(run, "train.max_steps=2", check=False)
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
     assert f"is in use by another launch (pid {os.getpid()} on {socket.gethostname()})" in err[0]
     assert [p.name for p in run.iterdir()] == ["run.lock"]  # nothing else written
     # the file a SIGKILLed launch leaves: nobody holds its lock, even if its PID now belongs to a live process
     lock.write_text(json.dumps(holder))
-    r = _train(run, "train.max_steps=2", "train.save_every=0")
+    r = train(run, "train.max_steps=2", "train.save_every=0")
     assert (f"warning: taking over the lock {lock} left by a launch that is gone (pid {os.getpid()} on "
             f"{socket.gethostname()})") in r.stdout
     assert not lock.exists() and (run / "merged").is_dir()
@@ -200,7 +56,7 @@ def test_a_second_launch_into_a_busy_run_folder_is_refused(tmp_path):
 
 def test_two_launches_at_once_into_one_folder_one_runs(tmp_path):
     run = tmp_path / "race"
-    procs = [subprocess.Popen(_cmd(run, "train.max_steps=3", "train.save_every=0"), cwd=ROOT, env=_env(),
+    procs = [subprocess.Popen(train_cmd(run, "train.max_steps=3", "train.save_every=0"), cwd=ROOT, env=train_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     codes = [p.returncode for p in procs]
@@ -215,7 +71,7 @@ def test_a_bad_document_found_while_packing_leaves_no_run_folder(tmp_path):
     bad = tmp_path / "book.txt.gz"
     bad.write_bytes(gzip.compress(b"It was a bright cold day in April. " * 400)[:60])  # a truncated download
     run = tmp_path / "run"
-    r = _train(run, f"data.sources=[{{kind: files, path: '{bad}'}}]", check=False)
+    r = train(run, f"data.sources=[{{kind: files, path: '{bad}'}}]", check=False)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and f"cannot read {bad}" in errors[0], r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == errors[0]  # the last word, after the packing's progress lines
@@ -229,7 +85,7 @@ def _file_size_limit(limit: int):
 
 
 def _limited(run: Path, limit: int, *sets: str) -> tuple[int, list[str]]:
-    r = subprocess.run(_cmd(run, *sets, resume="auto"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    r = subprocess.run(train_cmd(run, *sets, resume="auto"), cwd=ROOT, env=train_env(), capture_output=True, text=True,
                        timeout=600, preexec_fn=_file_size_limit(limit))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -242,7 +98,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_space_needed(tm
     sets = ("train.save_every=2", "wandb.enabled=false")
     run = tmp_path / "disk"
     ckpts = run / "checkpoints"
-    _train(run, *sets, "train.max_steps=2")  # step-2 and an export, without a limit
+    train(run, *sets, "train.max_steps=2")  # step-2 and an export, without a limit
     biggest = max(f.stat().st_size for f in (ckpts / "step-000002").rglob("*") if f.is_file())
     merged = (run / "merged" / "model.safetensors").stat().st_size
     assert biggest < merged  # cpu_tiny: the optimizer states are smaller than the merged fp32 weights
@@ -262,22 +118,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_space_needed(tm
     assert not list(run.glob(".tmp-*")) and checkpoint_problem(ckpts / "step-000004") is None
 
     # with space again, --resume auto finishes the run from there
-    _train(run, *sets, "train.max_steps=4", resume="auto")
+    train(run, *sets, "train.max_steps=4", resume="auto")
     assert len(losses(run)) == 4 and (run / "merged" / "model.safetensors").stat().st_mtime > \
         (ckpts / "step-000004").stat().st_mtime
-
-
-def test_nan_loss_stops_before_the_optimizer_step(tmp_path):
-    run = tmp_path / "nan"
-    r = _train(run, "train.save_every=2", check=False, ROPESCALE_FAULT="nan_loss:3")
-    assert r.returncode != 0
-    assert "error: non-finite loss (nan) at step 3; stopped before the optimizer step" in r.stderr
-    assert "step-000002" in r.stderr
-    assert len(losses(run)) == 2
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
-    # and the last good checkpoint resumes
-    _train(run, "train.save_every=2", resume="auto")
-    assert len(losses(run)) == 10
 
 
 _PLAIN_RELOAD = """
@@ -299,7 +142,7 @@ def test_merged_export_reloads_in_plain_transformers_with_the_scaling(tmp_path):
     from models.load import load_model
 
     run = tmp_path / "export"
-    _train(run)
+    train(run)
     # The fine-tuned model, unmerged: the RoPE-scaled base + LoRA adapter + trainable extras.
     base_config = AutoConfig.from_pretrained(run / "adapter" / "base_config")
     model = load_model("tiny-llama", config=base_config, seed=0)
@@ -313,7 +156,7 @@ def test_merged_export_reloads_in_plain_transformers_with_the_scaling(tmp_path):
     ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(0))  # 2x the native 256
     torch.save(ids, tmp_path / "ids.pt")
     r = subprocess.run([PY, "-c", _PLAIN_RELOAD, str(run / "merged"), str(tmp_path / "ids.pt"),
-                        str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path, env=_env())
+                        str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path, env=train_env())
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["yarn", "2.0"]
     with torch.no_grad():
@@ -326,7 +169,7 @@ def test_wandb_offline_run_and_no_secret_in_the_run_folder_or_the_logs(tmp_path)
     key = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key; set but never written
     token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567"  # the shape of a hub token; likewise
     run = tmp_path / "wb"
-    r = _train(run, "wandb.mode=offline", WANDB_API_KEY=key, HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
+    r = train(run, "wandb.mode=offline", WANDB_API_KEY=key, HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token)
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1
     assert b"tokens_per_s" in offline[0].read_bytes()  # the logged metrics are in the run file
@@ -349,19 +192,19 @@ def test_wandb_mode_auto_is_offline_without_a_key(tmp_path):
     run = tmp_path / "auto"
     # no key in the environment, no ~/.netrc; DeepSpeed's compiled CPU ops stay where they were built (a new HOME
     # would move torch's extension folder and rebuild them: 40 s)
-    r = _train(run, "train.max_steps=2", HOME=str(tmp_path), TORCH_EXTENSIONS_DIR=_torch_extensions_dir())
+    r = train(run, "train.max_steps=2", HOME=str(tmp_path), TORCH_EXTENSIONS_DIR=_torch_extensions_dir())
     assert "wandb: offline (no API key configured)" in r.stdout
     assert list((run / "wandb").glob("offline-run-*"))
 
 
 def test_run_folder_is_protected_and_resume_checks_the_config(tmp_path):
     run = tmp_path / "guard"
-    _train(run, "train.max_steps=2")
-    r = _train(run, "train.max_steps=2", check=False)
+    train(run, "train.max_steps=2")
+    r = train(run, "train.max_steps=2", check=False)
     assert r.returncode != 0 and "already holds a run; pass --resume auto" in r.stderr
-    r = _train(run, "train.max_steps=4", "train.lr=0.1", resume="auto", check=False)
+    r = train(run, "train.max_steps=4", "train.lr=0.1", resume="auto", check=False)
     assert r.returncode != 0 and "config differs" in r.stderr and "train.lr" in r.stderr
-    _train(run, "train.max_steps=4", resume="auto")  # a longer run of the same config continues
+    train(run, "train.max_steps=4", resume="auto")  # a longer run of the same config continues
     assert len(losses(run)) == 4
 
 
@@ -377,7 +220,7 @@ def test_run_folder_is_protected_and_resume_checks_the_config(tmp_path):
 def test_bad_config_exits_with_one_line(tmp_path, capsys, sets, message):
     """Every refusal happens before DeepSpeed starts and before the run folder is written."""
     run = tmp_path / "bad"
-    proc = subprocess.run(_cmd(run, *sets), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train_cmd(run, *sets), cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -6,9 +6,11 @@ Each package's error for bad input (``ConfigError``, ``DataError``, ``ModelLoadE
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(ValueError):
@@ -25,6 +27,19 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         print(f"error: {e}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def exit_process(status: object = 0) -> NoReturn:
+    """End a command's process with ``status`` (as ``sys.exit``), every entry point's last call.
+
+    The objects alive at this point (about 350,000 from importing torch, transformers and DeepSpeed, plus the run's
+    own) are frozen first: the interpreter's final garbage collection would otherwise walk all of them, 1.5-2 s at
+    every exit on a 2-core CPU (measured with train.py on configs/cpu_tiny.yaml: 2.0 s from the last line to the
+    exit, 0.25 s frozen), for memory the operating system takes back anyway. Exit handlers (W&B, DeepSpeed) still
+    run.
+    """
+    gc.freeze()
+    sys.exit(status)
 
 
 def free_port() -> int:
