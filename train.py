@@ -199,9 +199,10 @@ class Recipe:
     # ------------------------------------------------------------------------------------------------------- eval
 
     def evaluate(self) -> None:
-        """The config's ``eval:`` section on the merged model (rank 0), results in ``<run>/eval/``."""
+        """The config's ``eval:`` section on the merged model (rank 0): results in ``<run>/eval/``, summary metrics
+        in ``<run>/eval/summary.json`` and the W&B run's summary."""
         if self.cfg.eval is not None and self.rank == 0:
-            evaluate_run(self.cfg, self.run)
+            self.metrics.record_eval(evaluate_run(self.cfg, self.run), self.run / "eval")
         self.metrics.finish()
         torch.distributed.barrier()
 

@@ -8,7 +8,7 @@ applies ``--set section.key=value`` overrides (values parsed as YAML), and valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import Field, model_validator
@@ -158,6 +158,10 @@ class WandbSection(StrictModel):
     """Run tags."""
 
 
+# eval/ruler.py's task names (tests/test_eval_ruler.py checks that the two lists agree)
+RulerTask = Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+
+
 class EvalSection(StrictModel):
     perplexity_lengths: list[Length] = []
     """Lengths for perplexity on the held-out split after training (empty: skip)."""
@@ -171,6 +175,14 @@ class EvalSection(StrictModel):
     """Relative depths of the key in the prompt."""
     passkey_trials: int = Field(default=2, ge=1, le=10**4)
     """Trials per (length, depth)."""
+    ruler_lengths: list[Length] = []
+    """Lengths for the RULER-style suite (eval/ruler.py; empty: skip)."""
+    ruler_tasks: list[RulerTask] = list(get_args(RulerTask))
+    """Its tasks (default: all seven)."""
+    ruler_depths: list[Depth] = [0.0, 0.5, 1.0]
+    """Needle depths for the tasks that have one."""
+    ruler_samples: int = Field(default=1, ge=1, le=10**4)
+    """Prompts per (task, length, depth)."""
 
 
 class OutputSection(StrictModel):

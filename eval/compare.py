@@ -2,9 +2,10 @@
 
     python -m eval.compare results/*/ runs/yarn-s4 --out results/compare [--wandb]
 
-Each argument is a result file (``passkey.json``, ``perplexity.json``), a result folder holding them, a run folder
-(results in its ``eval/``), or a folder of such folders. Results of one model (same model, method, factor,
-fine-tuned or not) form one row: perplexity and passkey accuracy at each length. Written to ``--out``:
+Each argument is a result file (``passkey.json``, ``perplexity.json``, ``ruler.json``), a result folder holding them,
+a run folder (results in its ``eval/``), or a folder of such folders. Results of one model (same model, method,
+factor, fine-tuned or not) form one row: perplexity, passkey accuracy and the RULER-style suite's averaged score at
+each length, and the suite's effective length. Written to ``--out``:
 ``compare.md``, ``compare.csv``, ``perplexity.png`` (perplexity against length, one line per run) and
 ``passkey.png`` (the passkey heatmaps side by side). With ``--wandb`` the table and both images are logged to
 Weights & Biases (``WANDB_MODE=offline`` works without an account).
@@ -24,7 +25,7 @@ from eval.passkey import draw_heatmap
 from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic
 
-KINDS = ("perplexity", "passkey")
+KINDS = ("perplexity", "passkey", "ruler")
 
 
 def _results_in(folder: Path) -> list[Path]:
@@ -44,8 +45,8 @@ def find_results(paths: list[str]) -> list[Path]:
         elif p.is_dir():
             here = _results_in(p) or [f for c in sorted(p.iterdir()) if c.is_dir() for f in _results_in(c)]
             if not here:
-                raise EvalError(f"{p} holds no perplexity.json or passkey.json (nor in eval/ or its subfolders); "
-                                "run eval.perplexity / eval.passkey first")
+                raise EvalError(f"{p} holds no perplexity.json, passkey.json or ruler.json (nor in eval/ or its "
+                                "subfolders); run eval.perplexity / eval.passkey / eval.ruler first")
             found += here
         else:
             raise EvalError(f"{p} does not exist; give result files, result folders or run folders")
@@ -65,10 +66,10 @@ def collect(files: list[Path]) -> list[dict]:
             result = json.loads(f.read_text())
             kind, model = result["kind"], result["model"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise EvalError(f"{f} is not a result file of eval.passkey or eval.perplexity") from None
+            raise EvalError(f"{f} is not a result file of eval.passkey, eval.perplexity or eval.ruler") from None
         if kind not in KINDS:
             raise EvalError(f"{f}: unknown result kind '{kind}'")
-        run = runs.setdefault(_identity(model), {"model": model, "perplexity": None, "passkey": None, "files": []})
+        run = runs.setdefault(_identity(model), {"model": model, **dict.fromkeys(KINDS), "files": []})
         if run[kind] is not None:
             raise EvalError(f"two {kind} results for {model['label']} ({model['model']}): {run[kind]['_file']} and "
                             f"{f}; pass only one of them")
@@ -78,19 +79,24 @@ def collect(files: list[Path]) -> list[dict]:
 
 
 def table(runs: list[dict]) -> tuple[list[str], list[list]]:
-    """Header and rows: run, model, method, factor, fine-tuned, ppl mode, ppl@L..., passkey@L..., passkey overall."""
+    """Header and rows: run, model, method, factor, fine-tuned, ppl mode, ppl@L..., passkey@L..., passkey overall,
+    ruler@L... (the suite's score averaged over tasks), ruler_effective (its effective length)."""
     ppl_lengths = sorted({int(k) for r in runs if r["perplexity"] for k in r["perplexity"]["ppl"]})
     pk_lengths = sorted({int(k) for r in runs if r["passkey"] for k in r["passkey"]["by_length"]})
+    ru_lengths = sorted({int(k) for r in runs if r["ruler"] for k in r["ruler"]["by_length"]})
     header = (["run", "model", "method", "factor", "fine_tuned", "ppl_mode"] + [f"ppl@{L}" for L in ppl_lengths]
-              + [f"passkey@{L}" for L in pk_lengths] + (["passkey_all"] if pk_lengths else []))
+              + [f"passkey@{L}" for L in pk_lengths] + (["passkey_all"] if pk_lengths else [])
+              + [f"ruler@{L}" for L in ru_lengths] + (["ruler_effective"] if ru_lengths else []))
     rows = []
     for r in runs:
-        m, ppl, pk = r["model"], r["perplexity"], r["passkey"]
+        m, ppl, pk, ru = r["model"], r["perplexity"], r["passkey"], r["ruler"]
         mode = ppl["settings"]["mode"] if ppl else None
         row = [m["label"], m["model"], m["method"], m["factor"], m["fine_tuned"], mode]
         row += [ppl["ppl"].get(str(L)) if ppl else None for L in ppl_lengths]
         row += [pk["by_length"].get(str(L)) if pk else None for L in pk_lengths]
         row += [pk["accuracy"] if pk else None] if pk_lengths else []
+        row += [ru["by_length"].get(str(L)) if ru else None for L in ru_lengths]
+        row += [ru["effective_length"] if ru else None] if ru_lengths else []
         rows.append(row)
     return header, rows
 
@@ -102,6 +108,8 @@ def _cell(name: str, v) -> str:
         return f"{v:.0%}"
     if name.startswith("ppl@"):
         return f"{v:.3f}"
+    if name.startswith("ruler@"):
+        return f"{v:.2f}"
     if name == "fine_tuned":
         return "yes" if v else "no"
     return f"{v:g}" if isinstance(v, float) else str(v)

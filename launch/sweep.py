@@ -262,8 +262,13 @@ def eval_commands(run: Run) -> list[list[str]]:
     if e.passkey_lengths:
         commands.append(["-m", "eval.passkey", *model, "--lengths", ",".join(map(str, e.passkey_lengths)),
                          "--depths", ",".join(map(str, e.passkey_depths)), "--trials", str(e.passkey_trials)])
+    if e.ruler_lengths:
+        commands.append(["-m", "eval.ruler", *model, "--lengths", ",".join(map(str, e.ruler_lengths)),
+                         "--tasks", ",".join(e.ruler_tasks), "--depths", ",".join(map(str, e.ruler_depths)),
+                         "--samples", str(e.ruler_samples)])
     if not commands:
-        raise SweepError("--training-free: the eval: section lists no perplexity_lengths or passkey_lengths")
+        raise SweepError("--training-free: the eval: section lists no perplexity_lengths, passkey_lengths or "
+                         "ruler_lengths")
     return commands
 
 
@@ -562,14 +567,42 @@ def dry_run(sweep: Sweep, gpu_mem_gib: float) -> str:
     return "\n".join(lines)
 
 
-def wandb_sweep_yaml(sc: SweepConfig, sweep_path: str, cli_sets: list[str]) -> str:
+def sweep_metric(sweep: Sweep, metric: str | None) -> dict:
+    """The W&B sweep's objective: ``metric`` (``eval/ppl@L``: minimize; ``eval/passkey@L``, ``eval/ruler@L``:
+    maximize; ``loss``: minimize, though not comparable across scale factors), by default the perplexity at the
+    longest length of the runs' ``eval:`` section. An eval metric must be one every run's in-run evaluation logs
+    (train.py writes it into the W&B run's summary)."""
+    lengths = {"ppl": set(), "passkey": set(), "ruler": set()}
+    for i, run in enumerate(sweep.runs):
+        e = run.cfg.eval
+        have = {"ppl": set(e.perplexity_lengths), "passkey": set(e.passkey_lengths),
+                "ruler": set(e.ruler_lengths)} if e else {k: set() for k in lengths}
+        lengths = have if i == 0 else {k: lengths[k] & have[k] for k in lengths}
+    if metric is None:
+        if not lengths["ppl"]:
+            raise SweepError("the W&B sweep needs a metric the runs evaluate: add eval.perplexity_lengths (the "
+                             "target length) to the runs' config, or pass --metric loss")
+        metric = f"eval/ppl@{max(lengths['ppl'])}"
+    if metric == "loss":
+        return {"name": "loss", "goal": "minimize"}
+    m = re.fullmatch(r"eval/(ppl|passkey|ruler)@(\d+)", metric)
+    if not m:
+        raise SweepError(f"--metric must be eval/ppl@L, eval/passkey@L, eval/ruler@L or loss; got '{metric}'")
+    if int(m.group(2)) not in lengths[m.group(1)]:
+        key = {"ppl": "perplexity_lengths", "passkey": "passkey_lengths", "ruler": "ruler_lengths"}[m.group(1)]
+        raise SweepError(f"--metric {metric}: not every run evaluates {m.group(1)} at {m.group(2)} tokens; add "
+                         f"{m.group(2)} to eval.{key}")
+    return {"name": metric, "goal": "minimize" if m.group(1) == "ppl" else "maximize"}
+
+
+def wandb_sweep_yaml(sc: SweepConfig, sweep_path: str, cli_sets: list[str], metric: dict) -> str:
     """A W&B sweep (grid) whose agent runs each point through this script, so that folders, overrides and the
-    W&B group are the same as in a plain sweep run."""
+    W&B group are the same as in a plain sweep run; ``metric`` from ``sweep_metric``."""
     doc = {
         "name": sc.name,
         "program": "launch/sweep.py",
         "method": "grid",
-        "metric": {"name": "loss", "goal": "minimize"},
+        "metric": metric,
         "parameters": {k: {"values": list(v)} for k, v in sc.grid.items()},
         "command": ["${env}", "${interpreter}", "${program}", "--config", sweep_path,
                     *[a for s in cli_sets for a in ("--set", s)], "--point", "${args_no_hyphens}"],
@@ -587,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print runs, commands, configs and memory plans")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory for --dry-run's plans")
     ap.add_argument("--emit-wandb-sweep", metavar="OUT.yaml", help="write a W&B sweep YAML and exit")
+    ap.add_argument("--metric", default=None, metavar="NAME",
+                    help="the W&B sweep's objective: eval/ppl@L (default: the longest perplexity length of the "
+                         "runs' eval: section), eval/passkey@L, eval/ruler@L, or loss")
     ap.add_argument("--point", nargs="+", metavar="KEY=VALUE",
                     help="run only this grid point (what the W&B sweep's agent calls)")
     args = ap.parse_args(argv)
@@ -604,7 +640,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     only = dict(parse_overrides(args.point)) if args.point else None
     sweep = plan_sweep(sc, args.set, args.training_free, only)
     if args.emit_wandb_sweep:
-        write_atomic(Path(args.emit_wandb_sweep), wandb_sweep_yaml(sc, args.config, args.set))
+        metric = sweep_metric(sweep, args.metric)
+        write_atomic(Path(args.emit_wandb_sweep), wandb_sweep_yaml(sc, args.config, args.set, metric))
         _say(f"wrote {args.emit_wandb_sweep}: `wandb sweep {args.emit_wandb_sweep}`, then `wandb agent <id>`")
         return 0
     if args.dry_run:

@@ -186,7 +186,14 @@ def test_cpu_sweep_of_three_methods_by_two_factors_writes_table_and_plots(full_s
         saved = yaml.safe_load((run / "config.yaml").read_text())
         assert saved["wandb"]["group"] == "cpu_tiny" and saved["output"]["dir"] == str(run)
         assert len(losses(run)) == 6 and (run / "merged" / "config.json").is_file()
-        assert list((run / "wandb").glob("offline-run-*"))
+        # the in-run evaluation's summary metrics: in eval/summary.json and in the W&B run (its summary)
+        summary = json.loads((run / "eval" / "summary.json").read_text())
+        assert set(summary) == {"eval/ppl@256", "eval/ppl@512", "eval/ppl@1024", "eval/passkey@512",
+                                "eval/passkey@1024"}
+        row = table[(saved["rope"]["method"], float(saved["rope"]["factor"]))]
+        assert summary["eval/ppl@1024"] == float(row["ppl@1024"])
+        [wandb_file] = (run / "wandb").glob("offline-run-*/run-*.wandb")
+        assert b"eval/ppl@1024" in wandb_file.read_bytes() and b"eval/passkey@1024" in wandb_file.read_bytes()
     # the scaling is the run's: factor 4 runs export a config that says so
     merged = json.loads((folder / "method-yarn_factor-4" / "merged" / "config.json").read_text())
     assert merged["rope_parameters"]["factor"] == 4.0
@@ -267,12 +274,21 @@ def test_training_free_sweep_evaluates_the_base_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_emitted_wandb_sweep_runs_the_same_point_through_this_script(tmp_path):
+def test_emitted_wandb_sweep_runs_the_same_point_through_this_script(tmp_path, capsys):
     out = tmp_path / "wandb_sweep.yaml"
     args = ["--config", str(SWEEP), "--set", f"output.dir={tmp_path}/s", "--emit-wandb-sweep", str(out)]
     assert sweep_main(args) == 0
     doc = yaml.safe_load(out.read_text())
     assert doc["method"] == "grid" and doc["program"] == "launch/sweep.py"
+    # the objective: by default the perplexity at the longest length the runs evaluate, not the training loss
+    assert doc["metric"] == {"name": "eval/ppl@1024", "goal": "minimize"}
+    assert sweep_main(args + ["--metric", "eval/passkey@512"]) == 0
+    assert yaml.safe_load(out.read_text())["metric"] == {"name": "eval/passkey@512", "goal": "maximize"}
+    for metric, message in [("eval/ruler@4096", "not every run evaluates ruler at 4096 tokens"),
+                            ("accuracy", "--metric must be eval/ppl@L")]:
+        assert sweep_main(args + ["--metric", metric]) == 2
+        assert message in capsys.readouterr().err
+    assert sweep_main(args) == 0
     assert doc["parameters"] == {"rope.method": {"values": ["linear", "ntk_aware", "yarn"]},
                                  "rope.factor": {"values": [2, 4]}}
     # what `wandb agent` runs for one point: ${args_no_hyphens} becomes key=value words
