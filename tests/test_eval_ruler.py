@@ -29,7 +29,7 @@ def _context_span(tok, s):
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-@pytest.mark.parametrize("length", [1024, 2048])
+@pytest.mark.parametrize("length", [2048])
 def test_samples_fit_the_length_hold_their_answers_and_repeat_from_the_seed(smol, task, length):
     t = TASKS[task]
     depths = [0.0, 0.5, 1.0] if t.has_depth else [None]
