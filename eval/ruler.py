@@ -361,7 +361,8 @@ def effective_length(by_length: dict[str, float], threshold: float) -> int | Non
 def summarize(model_info: dict, settings: dict, raw: dict, threshold: float | None) -> dict:
     """Scores per task and length (mean over depths and samples), per length (mean over tasks), the threshold and
     the effective length. ``threshold`` None: 0.9 x the averaged score at the longest evaluated length within the
-    model's original context (None when no evaluated length is within it)."""
+    model's original context (no threshold and no effective length when no evaluated length is within it, or when
+    the model scores 0 there)."""
     cells = sorted(raw["cells"], key=lambda c: (c["task"], c["length"], -1 if c["depth"] is None else c["depth"]))
     by_task: dict[str, dict[str, float]] = {}
     for task in settings["tasks"]:
@@ -372,8 +373,13 @@ def summarize(model_info: dict, settings: dict, raw: dict, threshold: float | No
     rule = "given"
     if threshold is None:
         native = [n for n in sorted(settings["lengths"]) if n <= (model_info.get("original_context") or 0)]
-        threshold = round(0.9 * by_length[str(native[-1])], 4) if native else None
-        rule = f"0.9 x the score at {native[-1]} (native)" if native else "none: no length within the native context"
+        if not native:
+            rule = "none: no evaluated length within the original context"
+        elif by_length[str(native[-1])] == 0:  # 0.9 x 0 would let every length pass
+            rule = f"none: the score at {native[-1]} (within the original context) is 0"
+        else:
+            threshold = round(0.9 * by_length[str(native[-1])], 4)
+            rule = f"0.9 x the score at {native[-1]} (native)"
     return dict(kind="ruler", version=VERSION, model=model_info, settings=settings,
                 definition="ruler: string_match_all (share of expected strings in the greedy answer), averaged "
                            "over depths and samples per task and length, then over tasks per length",

@@ -10,7 +10,16 @@ import pytest
 from configs.schema import RulerTask
 from eval.common import EvalError
 from eval.compare import main as compare_main
-from eval.ruler import TASKS, build_sample, effective_length, haystack, main, sample_rng, string_match_all
+from eval.ruler import (
+    TASKS,
+    build_sample,
+    effective_length,
+    haystack,
+    main,
+    sample_rng,
+    string_match_all,
+    summarize,
+)
 from models.load import load_tokenizer
 from utils.cli import run_cli
 
@@ -104,6 +113,20 @@ def test_effective_length_is_the_longest_length_before_the_first_miss():
     assert effective_length({"1024": 0.9, "2048": 0.8, "4096": 0.5, "8192": 0.85}, 0.75) == 2048
     assert effective_length({"1024": 0.5}, 0.75) is None
     assert effective_length({"1024": 0.75, "2048": 0.75}, 0.75) == 2048
+
+
+def test_the_default_threshold_is_relative_to_the_native_score_and_never_zero():
+    settings = dict(tasks=["vt"], lengths=[256, 512, 1024])
+
+    def result(scores):
+        raw = dict(cells=[dict(task="vt", length=n, depth=0.0, score=v, samples=[]) for n, v in scores.items()],
+                   prompt_tokens=0, seconds=0.0)
+        return summarize(dict(original_context=256), settings, raw, None)
+
+    r = result({256: 0.8, 512: 0.75, 1024: 0.5})
+    assert r["threshold"] == pytest.approx(0.72) and r["effective_length"] == 512
+    r = result({256: 0.0, 512: 0.0, 1024: 0.0})  # 0.9 x 0 would make every length pass
+    assert r["threshold"] is None and r["effective_length"] is None and "is 0" in r["threshold_rule"]
 
 
 def test_bad_input_is_one_line(smol, tmp_path, capsys):
