@@ -170,6 +170,32 @@ def length_axis(ax, lengths: list[int]) -> None:
     ax.minorticks_off()
 
 
+def draw_grid(ax, lengths: list[int], rows: list[tuple[str, object]], values: dict, fmt: str, ylabel: str,
+              title: str) -> object:
+    """A score heatmap in [0, 1] on a matplotlib Axes: one column per length, one row per ``(label, key)`` of
+    ``rows``, each cell ``values[(length, key)]`` written with ``fmt`` (a missing cell stays blank); returns the
+    image for a colorbar. Shared by the passkey and RULER-style heatmaps."""
+    data = [[values.get((L, key), float("nan")) for L in lengths] for _, key in rows]
+    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            if v == v:  # not nan
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8)
+    return im
+
+
+def grid_figure(lengths: list[int], rows: int):
+    """A matplotlib Figure sized for one ``draw_grid`` heatmap of ``rows`` rows and a colorbar."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(2.4 + 0.9 * len(lengths), 1.4 + 0.35 * rows), layout="constrained")
+
+
 def log(msg: str) -> None:
     """Progress goes to stderr, so that stdout's last line can be the --json result."""
     print(msg, file=sys.stderr, flush=True)

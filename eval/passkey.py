@@ -28,8 +28,10 @@ from eval.common import (
     EvalError,
     Timer,
     add_model_args,
+    draw_grid,
     each_model,
     emit,
+    grid_figure,
     log,
     parse_int_list,
 )
@@ -202,26 +204,14 @@ def passkey_markdown(result: dict) -> str:
 def draw_heatmap(ax, result: dict, title: str | None = None) -> object:
     """Accuracy heatmap (depth down, length across) on a matplotlib Axes; returns the image for a colorbar."""
     lengths, depths, acc = _grid(result)
-    data = [[acc.get((L, d), float("nan")) for L in lengths] for d in depths]
-    im = ax.imshow(data, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("key depth")
-    ax.set_title(title or result["model"]["label"], fontsize=10)
-    for i, row in enumerate(data):
-        for j, v in enumerate(row):
-            if v == v:  # not nan
-                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8)
-    return im
+    return draw_grid(ax, lengths, [(f"{d:g}", d) for d in depths], acc, ".0%", "key depth",
+                     title or result["model"]["label"])
 
 
 def write_passkey(result: dict, folder: Path) -> None:
     """passkey.json, passkey.md and passkey.png in ``folder`` (each written atomically)."""
-    from matplotlib.figure import Figure
-
     lengths, depths, _ = _grid(result)
-    fig = Figure(figsize=(2.4 + 0.9 * len(lengths), 1.4 + 0.35 * len(depths)), layout="constrained")
+    fig = grid_figure(lengths, len(depths))
     ax = fig.subplots()
     fig.colorbar(draw_heatmap(ax, result, f"passkey: {result['model']['label']}"), ax=ax, label="accuracy")
     save_figure(fig, folder / "passkey.png")

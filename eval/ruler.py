@@ -44,7 +44,17 @@ from pathlib import Path
 import torch
 
 from data.corpus import load_corpus
-from eval.common import EvalError, Timer, add_model_args, each_model, emit, log, parse_int_list
+from eval.common import (
+    EvalError,
+    Timer,
+    add_model_args,
+    draw_grid,
+    each_model,
+    emit,
+    grid_figure,
+    log,
+    parse_int_list,
+)
 from eval.passkey import greedy_decode, parse_depths
 from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
@@ -254,6 +264,13 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 # -------------------------------------------------------------------------------------------------- samples
 
 
+def task_of(name: str) -> Task:
+    """The task called ``name``; EvalError naming the valid ones otherwise."""
+    if name not in TASKS:
+        raise EvalError(f"unknown task '{name}'; choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
 def sample_rng(seed: int, task: str, length: int, depth: float | None, index: int) -> random.Random:
     """The RNG of one sample; a string seed hashes the same way on every platform (sha512)."""
     d = "none" if depth is None else f"{depth:.6f}"
@@ -262,9 +279,7 @@ def sample_rng(seed: int, task: str, length: int, depth: float | None, index: in
 
 def build_sample(tokenizer, task: str, length: int, depth: float | None, index: int, seed: int = 0) -> Sample:
     """The longest prompt of ``task`` with at most ``length - max_new_tokens`` tokens (see the module docstring)."""
-    if task not in TASKS:
-        raise EvalError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
-    t = TASKS[task]
+    t = task_of(task)
     if t.has_depth and (depth is None or not 0.0 <= depth <= 1.0):
         raise EvalError(f"{task} needs a depth in [0, 1], got {depth}")
     budget = length - t.max_new_tokens
@@ -404,25 +419,15 @@ def ruler_markdown(result: dict) -> str:
 
 def write_ruler(result: dict, folder: Path) -> None:
     """ruler.json, ruler.md and one depth x length heatmap per task (ruler_<task>.png) in ``folder``."""
-    from matplotlib.figure import Figure
-
     lengths = sorted(result["settings"]["lengths"])
     for task in result["settings"]["tasks"]:
         cells = [c for c in result["cells"] if c["task"] == task]
         depths = sorted({c["depth"] for c in cells}, key=lambda d: -1 if d is None else d)
-        grid = [[next(c["score"] for c in cells if c["length"] == n and c["depth"] == d) for n in lengths]
-                for d in depths]
-        fig = Figure(figsize=(2.4 + 0.9 * len(lengths), 1.4 + 0.35 * len(depths)), layout="constrained")
+        rows = [("all" if d is None else f"{d:g}", d) for d in depths]
+        fig = grid_figure(lengths, len(rows))
         ax = fig.subplots()
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), ["all" if d is None else f"{d:g}" for d in depths])
-        ax.set_xlabel("length (tokens)")
-        ax.set_ylabel("depth")
-        ax.set_title(f"{task}: {result['model']['label']}")
-        for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        im = draw_grid(ax, lengths, rows, {(c["length"], c["depth"]): c["score"] for c in cells}, ".2f", "depth",
+                       f"{task}: {result['model']['label']}")
         fig.colorbar(im, ax=ax, label="score")
         save_figure(fig, folder / f"ruler_{task}.png")
     write_atomic(folder / "ruler.md", ruler_markdown(result))
@@ -430,10 +435,10 @@ def write_ruler(result: dict, folder: Path) -> None:
 
 
 def parse_tasks(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise EvalError(f"unknown task '{unknown[0] if unknown else text}'; choose from {', '.join(TASKS)}")
+    """``--tasks``: comma-separated task names, each checked, duplicates dropped."""
+    tasks = [task_of(t.strip()).name for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise EvalError(f"--tasks names no task; choose from {', '.join(TASKS)}")
     return list(dict.fromkeys(tasks))
 
 

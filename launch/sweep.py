@@ -59,6 +59,7 @@ if __package__ in (None, ""):  # `python launch/sweep.py`: make the repository r
 
 from configs.schema import ConfigError, RunConfig, load_run_config, parse_overrides  # noqa: E402
 from training.checkpoint import complete_checkpoints, public_config  # noqa: E402
+from training.evaluate import eval_arguments  # noqa: E402
 from utils.cli import exit_process, free_port, run_cli  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
 from utils.schema import StrictModel, validate  # noqa: E402
@@ -255,17 +256,7 @@ def eval_commands(run: Run) -> list[list[str]]:
         model += ["--rope-params", json.dumps(cfg.rope.params)]
     if cfg.rope.original_len:
         model += ["--original-len", str(cfg.rope.original_len)]
-    commands = []
-    if e.perplexity_lengths:
-        commands.append(["-m", "eval.perplexity", *model, "--lengths", ",".join(map(str, e.perplexity_lengths)),
-                         "--mode", e.perplexity_mode] + (["--stride", str(e.stride)] if e.stride else []))
-    if e.passkey_lengths:
-        commands.append(["-m", "eval.passkey", *model, "--lengths", ",".join(map(str, e.passkey_lengths)),
-                         "--depths", ",".join(map(str, e.passkey_depths)), "--trials", str(e.passkey_trials)])
-    if e.ruler_lengths:
-        commands.append(["-m", "eval.ruler", *model, "--lengths", ",".join(map(str, e.ruler_lengths)),
-                         "--tasks", ",".join(e.ruler_tasks), "--depths", ",".join(map(str, e.ruler_depths)),
-                         "--samples", str(e.ruler_samples)])
+    commands = [["-m", f"eval.{name}", *model, *args] for name, args in eval_arguments(e).items()]
     if not commands:
         raise SweepError("--training-free: the eval: section lists no perplexity_lengths, passkey_lengths or "
                          "ruler_lengths")
@@ -572,12 +563,10 @@ def sweep_metric(sweep: Sweep, metric: str | None) -> dict:
     maximize; ``loss``: minimize, though not comparable across scale factors), by default the perplexity at the
     longest length of the runs' ``eval:`` section. An eval metric must be one every run's in-run evaluation logs
     (train.py writes it into the W&B run's summary)."""
-    lengths = {"ppl": set(), "passkey": set(), "ruler": set()}
-    for i, run in enumerate(sweep.runs):
-        e = run.cfg.eval
-        have = {"ppl": set(e.perplexity_lengths), "passkey": set(e.passkey_lengths),
-                "ruler": set(e.ruler_lengths)} if e else {k: set() for k in lengths}
-        lengths = have if i == 0 else {k: lengths[k] & have[k] for k in lengths}
+    keys = {"ppl": "perplexity_lengths", "passkey": "passkey_lengths", "ruler": "ruler_lengths"}
+    # the lengths every run evaluates, per kind
+    lengths = {kind: set.intersection(*(set(getattr(r.cfg.eval, key)) if r.cfg.eval else set() for r in sweep.runs))
+               for kind, key in keys.items()}
     if metric is None:
         if not lengths["ppl"]:
             raise SweepError("the W&B sweep needs a metric the runs evaluate: add eval.perplexity_lengths (the "
@@ -589,9 +578,8 @@ def sweep_metric(sweep: Sweep, metric: str | None) -> dict:
     if not m:
         raise SweepError(f"--metric must be eval/ppl@L, eval/passkey@L, eval/ruler@L or loss; got '{metric}'")
     if int(m.group(2)) not in lengths[m.group(1)]:
-        key = {"ppl": "perplexity_lengths", "passkey": "passkey_lengths", "ruler": "ruler_lengths"}[m.group(1)]
         raise SweepError(f"--metric {metric}: not every run evaluates {m.group(1)} at {m.group(2)} tokens; add "
-                         f"{m.group(2)} to eval.{key}")
+                         f"{m.group(2)} to eval.{keys[m.group(1)]}")
     return {"name": metric, "goal": "minimize" if m.group(1) == "ppl" else "maximize"}
 
 
