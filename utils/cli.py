@@ -9,13 +9,23 @@ from __future__ import annotations
 import gc
 import socket
 import sys
+import unicodedata
 from collections.abc import Callable
 from typing import NoReturn
 
 
 class UserError(ValueError):
     """Input that cannot be used (a config, a path, a model, a method); the message is one line naming the problem
-    and the fix."""
+    and the fix.
+
+    Messages quote what the user wrote (a YAML key, a path, a method name), which may hold a newline or another
+    control character; those are shown escaped (``'\\n'``), here, once for every error, so that no input can turn
+    the message into two lines (found by the config fuzz test: an unknown ``rope.params`` key ``"\\n"``).
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__("".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c
+                                 for c in str(message)))
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:

@@ -30,8 +30,7 @@ def one_line(err: ValidationError, model: type[BaseModel], noun: str = "config k
     """The first problem of ``err`` (raised validating ``model``) as one line: the dotted key and what is wrong;
     for an unknown key the closest valid one (or the valid keys of that section)."""
     e = err.errors()[0]
-    # a key is whatever the YAML held: control characters (a newline) are escaped so that the message stays one line
-    key = ".".join(repr(str(p))[1:-1] for p in e["loc"])
+    key = ".".join(str(p) for p in e["loc"])  # a newline in it is escaped by UserError, like every message
     if e["type"] == "extra_forbidden":
         parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
         options = [k for k in all_keys(model) if k.startswith(parent) and "." not in k[len(parent):]]
