@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import Cache, DynamicCache
 
 from models.build import build_model, scaled_config
 from models.load import load_config, load_tokenizer
@@ -210,6 +211,82 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+@torch.inference_mode()
+def greedy_decode(model, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None,
+                  cache: Cache | None = None) -> list[int]:
+    """Greedy continuation of ``ids``: one prefill forward (last position's logits only), then cached steps.
+
+    ``cache``: a KV cache that already holds ``ids[:cache.get_seq_length()]`` (a prefix shared with an earlier
+    prompt, see ``SharedPrefix``); only the rest is prefilled, and the cache is extended in place.
+    """
+    device = next(model.parameters()).device
+    start = 0 if cache is None else cache.get_seq_length()
+    out = model(input_ids=torch.tensor([ids[start:]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        if nxt == eos_token_id or len(tokens) == max_new_tokens:
+            break
+        out = model(input_ids=torch.tensor([[nxt]], device=device), cache=out.cache, use_cache=True)
+    return tokens
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+    """The option shared by the commands that decode answers (eval.passkey, eval.ruler)."""
+    parser.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                        help="prefill every prompt in full instead of reusing the KV cache of the prefix it shares "
+                             "with the previous prompt (the answers are the same up to rounding; this is slower)")
+
+
+def shared_prefix_for(args: argparse.Namespace, info: dict) -> bool:
+    """Whether ``SharedPrefix`` reuses prefixes for this model: unless ``--no-shared-prefix``, or unless its RoPE
+    method's table depends on the sequence length (then the reuse would not be exact; said on stderr)."""
+    if args.shared_prefix and ROPE_METHODS[info["method"]].length_dependent:
+        log(f"{info['method']}: its RoPE table depends on the sequence length, so every prompt is prefilled in full "
+            "(no shared-prefix reuse)")
+        return False
+    return args.shared_prefix
+
+
+class SharedPrefix:
+    """Greedy decoding of prompts one after another, each reusing the KV cache of the tokens it shares with the
+    previous prompt (in a depth sweep over one haystack: everything before the earlier needle), so that only the
+    rest is prefilled.
+
+    Exact for RoPE tables that do not depend on the sequence length: a cached key depends only on its token, its
+    position and the tokens before it, which the shared prefix fixes. Methods whose table does (``length_dependent``
+    in ``ropescale.methods``: dynamic NTK, dynamic YaRN, LongRoPE) pass ``enabled=False``, and every prompt is then
+    prefilled in full. The prefix is found on token ids, not text, so it holds for any tokenizer.
+    ``reused`` / ``prefilled``: prompt tokens taken from the cache / run through the model, over all prompts.
+    """
+
+    def __init__(self, model, enabled: bool = True):
+        self.model, self.enabled = model, enabled
+        self.ids: list[int] = []
+        self.cache: Cache | None = None
+        self.reused = self.prefilled = 0
+
+    def decode(self, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+        # at least the last prompt token is run: its logits give the first answer token
+        keep = min(common_prefix(self.ids, ids), len(ids) - 1) if self.enabled and self.cache is not None else 0
+        if keep == 0:
+            self.cache = DynamicCache(config=self.model.config)
+        else:  # drop the previous prompt's tail and answer (transformers' crop takes minus the tokens to remove)
+            self.cache.crop(keep - self.cache.get_seq_length())
+        out = greedy_decode(self.model, ids, max_new_tokens, eos_token_id, cache=self.cache)
+        self.ids = ids
+        self.reused += keep
+        self.prefilled += len(ids) - keep
+        return out
 
 
 def each_model(args: argparse.Namespace) -> Iterator[EvalModel]:

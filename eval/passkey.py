@@ -26,7 +26,9 @@ import torch
 from data.prompts import FILLER, KEY_LINE, PROMPT_VERSION, QUESTION, TASK, prompt_text
 from eval.common import (
     EvalError,
+    SharedPrefix,
     Timer,
+    add_decoding_args,
     add_model_args,
     draw_grid,
     each_model,
@@ -34,6 +36,7 @@ from eval.common import (
     grid_figure,
     log,
     parse_int_list,
+    shared_prefix_for,
 )
 from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
@@ -90,21 +93,6 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, max_new_tokens:
     return Prompt(text=text, ids=ids, key=key, n_filler=n, n_before=before, key_position=key_position)
 
 
-@torch.inference_mode()
-def greedy_decode(model, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
-    """Greedy continuation of ``ids``: one prefill forward (last position's logits only), then cached steps."""
-    device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-    tokens: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(out.logits[0, -1].argmax())
-        tokens.append(nxt)
-        if nxt == eos_token_id or len(tokens) == max_new_tokens:
-            break
-        out = model(input_ids=torch.tensor([[nxt]], device=device), cache=out.cache, use_cache=True)
-    return tokens
-
-
 def parse_number(answer: str) -> str | None:
     """The first run of digits in the model's answer, or None."""
     m = re.search(r"\d+", answer)
@@ -119,24 +107,29 @@ def evaluate_passkey(
     trials: int,
     seed: int = 0,
     max_new_tokens: int = 10,
+    shared_prefix: bool = True,
 ) -> dict:
     """Greedy passkey retrieval for every (length, depth), ``trials`` prompts each.
 
     Returns ``cells`` (length, depth, accuracy, and per trial: key, answer, correct, prompt_tokens, key_position,
-    seconds), ``prompt_tokens``, ``seconds`` and ``tokens_per_s`` (prompt tokens per second of decoding time).
-    Lengths run in ascending order: transformers' dynamic RoPE keeps the largest table it has seen.
+    seconds), ``prompt_tokens``, ``seconds``, ``tokens_per_s`` (prompt tokens per second of decoding time) and
+    ``reused_tokens`` (prompt tokens taken from the shared-prefix cache). Lengths run in ascending order:
+    transformers' dynamic RoPE keeps the largest table it has seen. The trials of one cell differ only from the key
+    line on (the filler is fixed), so with ``shared_prefix`` (``eval.common.SharedPrefix``) each trial after the
+    first prefills only the key line and what follows it.
     """
     if trials < 1:
         raise EvalError(f"--trials must be >= 1, got {trials}")
     cells = []
     tokens = seconds = 0.0
+    decoder = SharedPrefix(model, enabled=shared_prefix)
     for length in sorted(lengths):
         for depth in depths:
             runs = []
             for trial in range(trials):
                 p = build_prompt(tokenizer, length, depth, pass_key(seed, length, depth, trial), max_new_tokens)
                 with Timer() as t:
-                    out = greedy_decode(model, p.ids, max_new_tokens, tokenizer.eos_token_id)
+                    out = decoder.decode(p.ids, max_new_tokens, tokenizer.eos_token_id)
                 answer = tokenizer.decode(out, skip_special_tokens=True)
                 correct = parse_number(answer) == p.key
                 tokens += len(p.ids)
@@ -148,7 +141,7 @@ def evaluate_passkey(
             cells.append(dict(length=length, depth=depth, accuracy=sum(r["correct"] for r in runs) / trials,
                               trials=runs))
     return dict(cells=cells, prompt_tokens=int(tokens), seconds=round(seconds, 3),
-                tokens_per_s=round(tokens / seconds, 1) if seconds else None)
+                tokens_per_s=round(tokens / seconds, 1) if seconds else None, reused_tokens=decoder.reused)
 
 
 def summarize(model_info: dict, settings: dict, cells: list[dict], prompt_tokens: int, seconds: float) -> dict:
@@ -259,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=10, help="greedy answer tokens")
     ap.add_argument("--append", action="store_true",
                     help="merge into an existing passkey.json of the same model and seed (e.g. fewer depths at 16k)")
+    add_decoding_args(ap)
     args = ap.parse_args(argv)
     lengths = parse_int_list(args.lengths, "--lengths")
     depths = parse_depths(args.depths)
@@ -266,13 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     results = []
     for em in each_model(args):
+        share = shared_prefix_for(args, em.info)
         settings = dict(lengths=lengths, depths=depths, trials=args.trials, seed=args.seed,
-                        max_new_tokens=args.max_new_tokens,
+                        max_new_tokens=args.max_new_tokens, shared_prefix=share,
                         prompt=dict(task=TASK, filler=FILLER, key_line=KEY_LINE, question=QUESTION))
         log(f"passkey: {em.info['label']} ({em.info['model']})")
         with torch.inference_mode():
             raw = evaluate_passkey(em.model, em.tokenizer, lengths, depths, args.trials, args.seed,
-                                   args.max_new_tokens)
+                                   args.max_new_tokens, share)
         result = summarize(em.info, settings, raw["cells"], raw["prompt_tokens"], raw["seconds"])
         folder = Path(args.out) / em.info["slug"]
         if args.append:

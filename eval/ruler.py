@@ -2,7 +2,8 @@
 Language Models?", section 3), generated offline: retrieval with several needles, multi-hop tracing and aggregation,
 scored by the share of expected answers found, per task, length and depth.
 
-Tasks (each prompt plain text: instruction, context, question, answer prefix; base models need no chat template):
+Tasks (each prompt plain text: instruction, context, question, answer prefix, as a base model needs;
+``--chat-template`` puts the first three in the tokenizer's chat template as one user message):
 
 - ``niah_single``: one needle "The special number for <key> is <7 digits>." in real text; asked for that key.
 - ``niah_multikey``: the same with three more needles of other keys (distractors) at random places.
@@ -20,11 +21,14 @@ into sentences and started at a seeded place, so the needle competes with real p
 Keys are two words of that text joined by a hyphen; numbers are 7 digits; words for ``cwe`` come from the same text.
 Every prompt is the longest one of at most ``length - max_new_tokens`` tokens (the granularity is one word of the
 text, one list item or one coded word); depth d puts the (first) needle after round(d * n) of the n sentences. A
-sample is drawn from an RNG seeded by (seed, task, length, depth, index), so one seed gives the same prompts
-everywhere.
+sample is drawn from an RNG seeded by (seed, task, length, index), so one seed gives the same prompts everywhere, and
+the depths of one sample share its haystack, keys and numbers: only the needle's place moves, so a heatmap row
+compares like with like, and the text before the earlier needle is a prefix that two depths share.
 
 Scoring is RULER's ``string_match_all``: control characters of the answer become newlines, then the score is the
-share of expected strings found in it, case-insensitively. Decoding is greedy with a KV cache (``eval.passkey``).
+share of expected strings found in it, case-insensitively. Decoding is greedy with a KV cache; the depths of one
+sample run one after the other, each reusing the cache of the prefix it shares with the previous one
+(``eval.common.SharedPrefix``; ``--no-shared-prefix`` prefills every prompt in full).
 
     python -m eval.ruler --model smollm2-135m --lengths 4096,8192 --samples 4
     python -m eval.ruler --model smollm2-135m --rope yarn --factor 2 --lengths 16384 --tasks niah_single,vt
@@ -46,7 +50,9 @@ import torch
 from data.corpus import load_corpus
 from eval.common import (
     EvalError,
+    SharedPrefix,
     Timer,
+    add_decoding_args,
     add_model_args,
     draw_grid,
     each_model,
@@ -54,22 +60,25 @@ from eval.common import (
     grid_figure,
     log,
     parse_int_list,
+    shared_prefix_for,
 )
-from eval.passkey import greedy_decode, parse_depths
+from eval.passkey import parse_depths
 from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
 
-VERSION = 1
+VERSION = 2  # 2: the depths of one sample share its haystack (the RNG is seeded without the depth)
 NUMBER_NEEDLE = "The special number for {key} is {value}."
 
 
 @dataclass(frozen=True)
 class Context:
-    """What a task builds from ``n`` haystack units: the context text, the question with its answer prefix, the
-    expected answers, and the character offset of the (first) needle in the context (None: no depth)."""
+    """What a task builds from ``n`` haystack units: the context text, the question, the start of the answer (the
+    model continues it), the expected answers, and the character offset of the (first) needle in the context (None:
+    no depth)."""
 
     text: str
     question: str
+    answer_prefix: str
     answers: tuple[str, ...]
     needle_at: int | None
 
@@ -190,7 +199,7 @@ def _niah(keys: int, values: int, queries: int) -> Callable[[random.Random, int,
              f"What is the special number for {asked[0]} mentioned in the text?")
         prefix = (f"The special numbers for {join_list(asked)} are" if many else
                   f"The special number for {asked[0]} is")
-        return Context(text, f"{q}\nAnswer: {prefix}", answers, offsets[0])
+        return Context(text, q, prefix, answers, offsets[0])
 
     return build
 
@@ -209,9 +218,8 @@ def _vt(rng: random.Random, n: int, depth: float, length: int, hops: int = 4) ->
     slots = [first] + sorted(rng.randint(first, n) for _ in range(hops))
     statements = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(hops)]
     text, offsets = insert(units, list(zip(slots, statements)))
-    question = (f"Question: Which variables are assigned the value {value}, directly or through other variables?\n"
-                f"Answer: The variables assigned the value {value} are:")
-    return Context(text, question, tuple(names), offsets[0])
+    question = f"Question: Which variables are assigned the value {value}, directly or through other variables?"
+    return Context(text, question, f"The variables assigned the value {value} are:", tuple(names), offsets[0])
 
 
 def _cwe(rng: random.Random, n: int, depth: float, length: int, common: int = 10) -> Context:
@@ -222,9 +230,9 @@ def _cwe(rng: random.Random, n: int, depth: float, length: int, common: int = 10
     items = chosen[:common] * freq_common + chosen[common:] * freq_rare
     rng.shuffle(items)
     text = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
-    question = (f"Question: What are the {common} most common words in the list above?\n"
-                f"Answer: The {common} words that appear most often in the list are:")
-    return Context(text, question, tuple(chosen[:common]), None)
+    question = f"Question: What are the {common} most common words in the list above?"
+    return Context(text, question, f"The {common} words that appear most often in the list are:",
+                   tuple(chosen[:common]), None)
 
 
 def _fwe(rng: random.Random, n: int, depth: float, length: int, alpha: float = 2.0) -> Context:
@@ -242,9 +250,8 @@ def _fwe(rng: random.Random, n: int, depth: float, length: int, alpha: float = 2
     counts[0] = max(counts[0], counts[1] + 1)
     items = ["...." if k == 0 else c for k, c in enumerate(codes) for _ in range(counts[k])]
     rng.shuffle(items)
-    question = ("Question: Ignoring the dots '....', what are the three most frequent coded words in the text above?\n"
-                "Answer: The three most frequent coded words are:")
-    return Context(" ".join(items), question, tuple(codes[1:4]), None)
+    question = "Question: Ignoring the dots '....', what are the three most frequent coded words in the text above?"
+    return Context(" ".join(items), question, "The three most frequent coded words are:", tuple(codes[1:4]), None)
 
 
 _NIAH_INSTRUCTION = ("Some special numbers are hidden in the text below. Memorize them: you will be asked about them "
@@ -271,24 +278,42 @@ def task_of(name: str) -> Task:
     return TASKS[name]
 
 
-def sample_rng(seed: int, task: str, length: int, depth: float | None, index: int) -> random.Random:
-    """The RNG of one sample; a string seed hashes the same way on every platform (sha512)."""
-    d = "none" if depth is None else f"{depth:.6f}"
-    return random.Random(f"ruler/{seed}/{task}/{length}/{d}/{index}")
+def sample_rng(seed: int, task: str, length: int, index: int) -> random.Random:
+    """The RNG of one sample, the same at every depth; a string seed hashes the same way on every platform
+    (sha512)."""
+    return random.Random(f"ruler/{seed}/{task}/{length}/{index}")
 
 
-def build_sample(tokenizer, task: str, length: int, depth: float | None, index: int, seed: int = 0) -> Sample:
-    """The longest prompt of ``task`` with at most ``length - max_new_tokens`` tokens (see the module docstring)."""
+def build_sample(tokenizer, task: str, length: int, depth: float | None, index: int, seed: int = 0,
+                 chat: bool = False) -> Sample:
+    """The longest prompt of ``task`` with at most ``length - max_new_tokens`` tokens (see the module docstring).
+
+    Plain (base models): "instruction, context, question, Answer: <answer prefix>". ``chat``: instruction, context
+    and question as one user message through the tokenizer's chat template, then the answer prefix after the
+    assistant's turn begins (as RULER does for chat models); EvalError if the tokenizer has no template.
+    """
     t = task_of(task)
     if t.has_depth and (depth is None or not 0.0 <= depth <= 1.0):
         raise EvalError(f"{task} needs a depth in [0, 1], got {depth}")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise EvalError("--chat-template: this model's tokenizer has no chat template; drop --chat-template (a base "
+                        "model gets the plain prompt)")
     budget = length - t.max_new_tokens
     depth_used = depth if t.has_depth else 0.0
 
+    def encode(text: str) -> list[int]:
+        # a chat template writes its own special tokens (BOS included, where the model has one)
+        return tokenizer(text, add_special_tokens=not chat).input_ids
+
     def make(n: int) -> tuple[Context, str, list[int]]:
-        ctx = t.build(sample_rng(seed, task, length, depth if t.has_depth else None, index), n, depth_used, length)
-        text = f"{t.instruction}\n\n{ctx.text}\n\n{ctx.question}"
-        return ctx, text, tokenizer(text).input_ids
+        ctx = t.build(sample_rng(seed, task, length, index), n, depth_used, length)
+        user = f"{t.instruction}\n\n{ctx.text}\n\n{ctx.question}"
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                 add_generation_prompt=True) + ctx.answer_prefix
+        else:
+            text = f"{user}\nAnswer: {ctx.answer_prefix}"
+        return ctx, text, encode(text)
 
     def fits(n: int) -> bool:
         return len(make(n)[2]) <= budget
@@ -308,8 +333,11 @@ def build_sample(tokenizer, task: str, length: int, depth: float | None, index: 
     ctx, text, ids = make(n)
     needle_token = None
     if ctx.needle_at is not None:
-        head = f"{t.instruction}\n\n{ctx.text[:ctx.needle_at]}"
-        needle_token = len(tokenizer(head).input_ids)
+        # the token holding the needle's first character (with a byte-level BPE the space before it is part of that
+        # token, so the tokens of the text before the needle would count one too many)
+        char = text.index(ctx.text) + ctx.needle_at
+        offsets = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True).offset_mapping
+        needle_token = next(i for i, (_, end) in enumerate(offsets) if end > char)
     return Sample(task, length, depth if t.has_depth else None, index, text, ids, ctx.answers, needle_token, n,
                   t.max_new_tokens)
 
@@ -332,34 +360,40 @@ def string_match_all(prediction: str, answers: tuple[str, ...] | list[str]) -> f
 
 
 def evaluate_ruler(model, tokenizer, tasks: list[str], lengths: list[int], depths: list[float], samples: int,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, shared_prefix: bool = True, chat: bool = False) -> dict:
     """Greedy answers and ``string_match_all`` scores for every task, length and depth (tasks without a depth: one
-    cell per length), ``samples`` prompts each. Returns ``cells`` (task, length, depth, score, samples) and the
-    prompt tokens and seconds spent. Lengths in ascending order (dynamic RoPE keeps the largest table it saw)."""
+    cell per length), ``samples`` prompts each. Returns ``cells`` (task, length, depth, score, samples), the prompt
+    tokens, the ones taken from the shared-prefix cache (``reused_tokens``) and the seconds spent. Lengths in
+    ascending order (dynamic RoPE keeps the largest table it saw); the depths of one sample one after the other, so
+    that each reuses the prefix it shares with the previous one (``shared_prefix``, see ``eval.common.SharedPrefix``).
+    ``chat``: prompts through the tokenizer's chat template (``build_sample``).
+    """
     if samples < 1:
         raise EvalError(f"--samples must be >= 1, got {samples}")
+    decoder = SharedPrefix(model, enabled=shared_prefix)
     cells, tokens, seconds = [], 0, 0.0
     for length in sorted(lengths):
         for task in tasks:
-            for depth in (depths if TASKS[task].has_depth else [None]):
-                runs = []
-                for index in range(samples):
-                    s = build_sample(tokenizer, task, length, depth, index, seed)
+            cell_depths = depths if TASKS[task].has_depth else [None]
+            runs: dict[float | None, list[dict]] = {d: [] for d in cell_depths}
+            for index in range(samples):
+                for depth in cell_depths:
+                    s = build_sample(tokenizer, task, length, depth, index, seed, chat)
                     with Timer() as t:
-                        out = greedy_decode(model, s.ids, s.max_new_tokens, tokenizer.eos_token_id)
+                        out = decoder.decode(s.ids, s.max_new_tokens, tokenizer.eos_token_id)
                     answer = tokenizer.decode(out, skip_special_tokens=True)
                     score = string_match_all(answer, s.answers)
                     tokens += len(s.ids)
                     seconds += t.seconds
-                    runs.append(dict(index=index, answers=list(s.answers), prediction=answer, score=score,
-                                     prompt_tokens=len(s.ids), needle_token=s.needle_token,
-                                     seconds=round(t.seconds, 3)))
+                    runs[depth].append(dict(index=index, answers=list(s.answers), prediction=answer, score=score,
+                                            prompt_tokens=len(s.ids), needle_token=s.needle_token,
+                                            seconds=round(t.seconds, 3)))
                     where = "" if depth is None else f" depth {depth:g}"
                     log(f"ruler {task} length {length}{where} #{index}: {score:.2f} ({len(s.ids)} tokens, "
                         f"{t.seconds:.1f} s) answer {answer[:60]!r}")
-                cells.append(dict(task=task, length=length, depth=depth,
-                                  score=sum(r["score"] for r in runs) / samples, samples=runs))
-    return dict(cells=cells, prompt_tokens=tokens, seconds=round(seconds, 3))
+            cells += [dict(task=task, length=length, depth=d, score=sum(r["score"] for r in runs[d]) / samples,
+                           samples=runs[d]) for d in cell_depths]
+    return dict(cells=cells, prompt_tokens=tokens, reused_tokens=decoder.reused, seconds=round(seconds, 3))
 
 
 def effective_length(by_length: dict[str, float], threshold: float) -> int | None:
@@ -400,7 +434,8 @@ def summarize(model_info: dict, settings: dict, raw: dict, threshold: float | No
                            "over depths and samples per task and length, then over tasks per length",
                 by_task=by_task, by_length=by_length, threshold=threshold, threshold_rule=rule,
                 effective_length=None if threshold is None else effective_length(by_length, threshold),
-                cells=cells, prompt_tokens=raw["prompt_tokens"], seconds=raw["seconds"])
+                cells=cells, prompt_tokens=raw["prompt_tokens"], reused_tokens=raw["reused_tokens"],
+                seconds=raw["seconds"])
 
 
 def ruler_markdown(result: dict) -> str:
@@ -454,6 +489,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threshold", type=float, default=None,
                     help="score for the effective length (default: 0.9 x the score at the longest length within "
                          "the model's original context)")
+    ap.add_argument("--chat-template", action="store_true",
+                    help="wrap each prompt in the tokenizer's chat template (chat models; default: the plain prompt "
+                         "a base model continues)")
+    add_decoding_args(ap)
     args = ap.parse_args(argv)
     tasks, lengths, depths = parse_tasks(args.tasks), parse_int_list(args.lengths, "--lengths"), parse_depths(
         args.depths)
@@ -461,11 +500,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise EvalError(f"--threshold must be in (0, 1], got {args.threshold}")
     results = []
     for em in each_model(args):
+        share = shared_prefix_for(args, em.info)
         settings = dict(tasks=tasks, lengths=lengths, depths=depths, samples=args.samples, seed=args.seed,
-                        max_new_tokens={t: TASKS[t].max_new_tokens for t in tasks})
+                        max_new_tokens={t: TASKS[t].max_new_tokens for t in tasks}, shared_prefix=share,
+                        chat_template=args.chat_template)
         log(f"ruler: {em.info['label']} ({em.info['model']})")
         with torch.inference_mode():
-            raw = evaluate_ruler(em.model, em.tokenizer, tasks, lengths, depths, args.samples, args.seed)
+            raw = evaluate_ruler(em.model, em.tokenizer, tasks, lengths, depths, args.samples, args.seed, share,
+                                 args.chat_template)
         result = summarize(em.info, settings, raw, args.threshold)
         folder = Path(args.out) / em.info["slug"]
         write_ruler(result, folder)

@@ -369,6 +369,8 @@ class RopeMethod:
     names (``required`` among them); ``defaults``: values used when a parameter is left out (and written out into
     saved configs); ``to_hf``: its ``rope_parameters`` (see the writers above); ``keeps_max_position``:
     ``max_position_embeddings`` stays L instead of L*s (transformers' dynamic type reads it as the original length);
+    ``length_dependent``: the table depends on the current sequence length (``seq_len``), so keys cached by one
+    forward are not exactly what a forward of another length would compute (the evals' shared-prefix reuse is off);
     ``hf_type``/``hf_params``: for a config ropescale did not write, the transformers ``rope_type`` read back as this
     method and the ``rope_parameters`` keys read back as its parameters (several methods write ``default`` or
     ``yarn``; only one of each is read back, the others are told apart by ropescale's provenance record).
@@ -382,6 +384,7 @@ class RopeMethod:
     required: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     keeps_max_position: bool = False
+    length_dependent: bool = False
     hf_type: str | None = None
     hf_params: tuple[str, ...] = ()
 
@@ -397,7 +400,7 @@ ROPE_METHODS: dict[str, RopeMethod] = {
         defaults=NTK_AWARE_DEFAULTS),
     "dynamic_ntk": RopeMethod(
         dynamic_ntk, _no_check, _hf_dynamic_ntk, "NTK-aware recomputed from the current length (3.3)",
-        keeps_max_position=True, hf_type="dynamic"),
+        keeps_max_position=True, length_dependent=True, hf_type="dynamic"),
     "ntk_by_parts": RopeMethod(
         ntk_by_parts, _check_by_parts, _hf_by_parts, "keep r > beta, divide r < alpha by s, ramp between (3.2)",
         params=("alpha", "beta", "truncate", "ramp"), defaults=BY_PARTS_DEFAULTS),
@@ -407,7 +410,8 @@ ROPE_METHODS: dict[str, RopeMethod] = {
     # Written as static YaRN at the target factor (a plain reload runs that); ropescale.runtime makes it dynamic.
     "dynamic_yarn": RopeMethod(
         dynamic_yarn, _check_yarn, _hf_yarn, "YaRN with s = max(1, n/L) at the current length n (3.3)",
-        params=tuple(k for k in _YARN_PARAMS if k != "attention_factor"), defaults=YARN_DEFAULTS),
+        params=tuple(k for k in _YARN_PARAMS if k != "attention_factor"), defaults=YARN_DEFAULTS,
+        length_dependent=True),
     "llama3": RopeMethod(
         llama3, _check_llama3, _hf_llama3, "Llama 3.1: by-parts ramp on r between low/high freq factors",
         params=("low_freq_factor", "high_freq_factor"), defaults=LLAMA3_DEFAULTS, hf_type="llama3",
@@ -415,7 +419,7 @@ ROPE_METHODS: dict[str, RopeMethod] = {
     "longrope": RopeMethod(
         longrope, _check_longrope, _hf_longrope, "per-dimension short/long factors (LongRoPE)",
         params=("short_factor", "long_factor", "attention_factor"), required=("short_factor", "long_factor"),
-        hf_type="longrope", hf_params=("short_factor", "long_factor", "attention_factor")),
+        length_dependent=True, hf_type="longrope", hf_params=("short_factor", "long_factor", "attention_factor")),
     "theta": RopeMethod(
         theta, _check_theta, _hf_theta, "an explicit new base (Code Llama: 1e6)", params=("rope_theta",),
         required=("rope_theta",)),

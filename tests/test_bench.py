@@ -1,6 +1,7 @@
-"""The training benches end to end at tiny settings (tiny-llama preset, 256-384 tokens, one thread per process):
-every path runs, prints its figures and the final JSON line; the memory cap of bench/max_seq_len.py kills a probe
-that goes over it. About a minute on 2 CPU cores."""
+"""The training benches and the shared-prefix bench end to end at tiny settings (tiny-llama preset, 256-768 tokens,
+one thread per process): every path runs, prints its figures and the final JSON line; the memory cap of
+bench/max_seq_len.py kills a probe that goes over it; the shared-prefix sweep reuses and gives the same answers. About
+a minute on 2 CPU cores."""
 
 import json
 import subprocess
@@ -98,3 +99,16 @@ def test_the_bench_step_is_the_recipe_step(tmp_path):
     losses = json.loads(bench.stdout.strip().splitlines()[-1])
     assert len(recipe) == 2 and recipe[0] != recipe[1]
     assert losses == pytest.approx(recipe, rel=1e-6, abs=1e-6)
+
+
+def test_shared_prefix_bench_reuses_and_agrees(tmp_path):
+    out = tmp_path / "shared.json"
+    proc = subprocess.run([sys.executable, "bench/shared_prefix.py", "--model", "tiny-llama", "--length", "768",
+                           "--samples", "1", "--dtype", "float32", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["prompts"] == 5 and r["same_answers"] == 5
+    # 5 depths of one haystack: about (1 + 1 + 0.75 + 0.5 + 0.25) / 5 of the tokens are prefilled
+    assert 0.6 < r["shared"]["prefilled_share"] < 0.8
+    assert "answers the same" in proc.stdout.splitlines()[-1]

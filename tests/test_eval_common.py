@@ -1,11 +1,24 @@
-"""eval.common: a run folder, a model folder or a name, with or without a training-free RoPE method."""
+"""eval.common: a run folder, a model folder or a name, with or without a training-free RoPE method; greedy
+decoding with a KV cache, alone and reusing the prefix a prompt shares with the previous one."""
 
 import argparse
 
 import pytest
+import torch
 import yaml
 
-from eval.common import EvalError, add_model_args, load_eval_model, locate, model_variants
+from eval.common import (
+    EvalError,
+    SharedPrefix,
+    add_decoding_args,
+    add_model_args,
+    common_prefix,
+    greedy_decode,
+    load_eval_model,
+    locate,
+    model_variants,
+    shared_prefix_for,
+)
 from utils.cli import run_cli
 from eval.perplexity import main as perplexity_main
 from ropescale.apply import apply_rope, rope_of
@@ -95,3 +108,47 @@ def test_unknown_method_is_one_error_line(capsys):
     assert run_cli(perplexity_main, ["--model", "tiny-llama", "--rope", "yarnn", "--factor", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "yarn" in err[0]
+
+
+def test_greedy_decode_with_cache_equals_recomputing_without_it():
+    model = load_model("tiny-mistral")
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = greedy_decode(model, ids, 6)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    assert got == seq[len(ids):]
+
+
+def test_shared_prefix_reuses_only_the_common_tokens_and_gives_the_same_answers():
+    model = load_model("tiny-llama")
+    rand = lambda n, seed: torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()  # noqa: E731
+    base = rand(400, 0)
+    prompts = [base, base[:250] + rand(120, 1), base[:250] + rand(120, 1),  # a depth later; the same prompt again
+               base[:100] + rand(300, 2), rand(200, 3), rand(200, 3)[:150] + rand(60, 4)]  # a shorter prefix; none
+    shared, full = SharedPrefix(model), SharedPrefix(model, enabled=False)
+    with torch.inference_mode():
+        for i, ids in enumerate(prompts):
+            before = shared.reused
+            assert shared.decode(ids, 5) == full.decode(ids, 5) == greedy_decode(model, ids, 5)
+            expected = 0 if i == 0 else min(common_prefix(prompts[i - 1], ids), len(ids) - 1)
+            assert shared.reused - before == expected
+            # the cache holds the prompt and all answer tokens but the last, computed as a full prefill would
+            assert shared.cache.get_seq_length() == len(ids) + 4
+            ref = model(input_ids=torch.tensor([ids]), use_cache=True).cache
+            for a, b in zip(shared.cache.layers, ref.layers):
+                torch.testing.assert_close(a.keys[..., :len(ids), :], b.keys, rtol=1e-4, atol=1e-5)
+    assert [common_prefix(prompts[i - 1], prompts[i]) for i in range(1, 6)] == [250, 370, 100, 0, 150]
+    assert shared.reused == 250 + 369 + 100 + 0 + 150 and full.reused == 0
+    assert shared.reused + shared.prefilled == sum(map(len, prompts))
+
+
+def test_shared_prefix_is_off_for_methods_whose_table_depends_on_the_length(capsys):
+    ap = argparse.ArgumentParser()
+    add_decoding_args(ap)
+    on, off = ap.parse_args([]), ap.parse_args(["--no-shared-prefix"])
+    assert shared_prefix_for(on, dict(method="yarn")) and not shared_prefix_for(off, dict(method="yarn"))
+    for method in ("dynamic_ntk", "dynamic_yarn", "longrope"):
+        assert not shared_prefix_for(on, dict(method=method))
+        assert "depends on the sequence length" in capsys.readouterr().err

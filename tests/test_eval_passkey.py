@@ -6,14 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from data.prompts import FILLER, KEY_LINE, QUESTION, TASK
-from eval.common import EvalError
+from eval.common import EvalError, common_prefix
 from eval.passkey import (
     build_prompt,
     evaluate_passkey,
-    greedy_decode,
     main,
     parse_number,
     pass_key,
@@ -83,17 +81,6 @@ def test_too_short_length_and_bad_depth_are_refused():
         build_prompt(tok, 2048, 1.5, "12345", 10)
 
 
-def test_greedy_decode_with_cache_equals_recomputing_without_it():
-    model = load_model("tiny-mistral")
-    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
-    got = greedy_decode(model, ids, 6)
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(6):
-            seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    assert got == seq[len(ids):]
-
-
 def test_parse_number():
     assert parse_number(" 60913. Remember it.") == "60913"
     assert parse_number(" is 609 13") == "609"
@@ -133,6 +120,13 @@ def test_same_seed_same_numbers(tmp_path):
     b = evaluate_passkey(model, tok, [768], [0.0, 0.5], trials=2, seed=5)
     strip = lambda r: [[{k: v for k, v in t.items() if k != "seconds"} for t in c["trials"]] for c in r["cells"]]  # noqa: E731
     assert strip(a) == strip(b)
+    # the trials of a cell share the filler before the key: all but the first prefill from the key line on, and the
+    # answers are those of prefilling every prompt in full
+    full = evaluate_passkey(model, tok, [768], [0.0, 0.5], trials=2, seed=5, shared_prefix=False)
+    assert strip(full) == strip(a) and full["reused_tokens"] == 0
+    prompts = [build_prompt(tok, 768, d, pass_key(5, 768, d, t), 10).ids for d in (0.0, 0.5) for t in (0, 1)]
+    assert a["reused_tokens"] == sum(common_prefix(p, q) for p, q in zip(prompts, prompts[1:]))
+    assert a["reused_tokens"] >= sum(t["key_position"] for c in a["cells"] for t in c["trials"][1:])
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from typing import get_args
 import pytest
 
 from configs.schema import RulerTask
-from eval.common import EvalError
+from eval.common import EvalError, common_prefix
 from eval.compare import main as compare_main
 from eval.ruler import (
     TASKS,
@@ -59,7 +59,7 @@ def test_samples_fit_the_length_hold_their_answers_and_repeat_from_the_seed(smol
             continue
         # the (first) needle after round(depth x n) of the prompt's n haystack sentences (the haystack is the first
         # thing a sample's RNG draws, so the test can draw it again); other needles do not count as sentences
-        hay = haystack(sample_rng(3, task, length, depth, 0), s.units)
+        hay = haystack(sample_rng(3, task, length, 0), s.units)
         if task.startswith("niah"):
             at = context.rindex("The special number for ", 0, context.index(f" is {s.answers[0]}."))
             needles = r"The special number for \S+ is \d+\. ?"
@@ -68,8 +68,20 @@ def test_samples_fit_the_length_hold_their_answers_and_repeat_from_the_seed(smol
             needles = r"VAR [A-Z]{5} = (VAR [A-Z]{5}|\d+)\. ?"
         before = re.sub(needles, "", context[:at]).strip()
         assert before == " ".join(hay[:round(depth * len(hay))]), (task, depth)
-        start, end = _context_span(smol, s)  # the needle's token index: right after the instruction at depth 0
-        assert start <= s.needle_token < end and (s.needle_token == start) == (depth == 0.0)
+        # the needle's token index: the needle starts there, right after the instruction at depth 0
+        start, end = _context_span(smol, s)
+        assert start - 1 <= s.needle_token < end
+        assert smol.decode(s.ids[s.needle_token:]).lstrip().startswith(("The special number for ", "VAR "))
+        assert (smol.decode(s.ids[:s.needle_token]).strip() == t.instruction) == (depth == 0.0)
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if TASKS[t].has_depth])
+def test_the_depths_of_a_sample_share_its_haystack_up_to_the_earlier_needle(smol, task):
+    s = [build_sample(smol, task, 2048, d, index=1, seed=0) for d in (0.0, 0.3, 0.7, 1.0)]
+    assert len({x.answers for x in s}) == 1  # the same keys and numbers: only the place moves
+    for a, b in zip(s, s[1:]):
+        assert common_prefix(a.ids, b.ids) >= a.needle_token - 1  # a merge at the join may take one token
+        assert common_prefix(a.ids, b.ids) < b.needle_token
 
 
 def test_answers_are_where_the_needles_say(smol):
@@ -120,7 +132,7 @@ def test_the_default_threshold_is_relative_to_the_native_score_and_never_zero():
 
     def result(scores):
         raw = dict(cells=[dict(task="vt", length=n, depth=0.0, score=v, samples=[]) for n, v in scores.items()],
-                   prompt_tokens=0, seconds=0.0)
+                   prompt_tokens=0, reused_tokens=0, seconds=0.0)
         return summarize(dict(original_context=256), settings, raw, None)
 
     r = result({256: 0.8, 512: 0.75, 1024: 0.5})
@@ -139,10 +151,28 @@ def test_bad_input_is_one_line(smol, tmp_path, capsys):
     for args, message in [(["--tasks", "niah,vt"], "unknown task 'niah'"),
                           (["--lengths", "64", "--tasks", "vt"], "too short for vt"),
                           (["--samples", "0", "--tasks", "vt"], "--samples must be >= 1"),
-                          (["--threshold", "2"], "--threshold must be in (0, 1]")]:
+                          (["--threshold", "2"], "--threshold must be in (0, 1]"),
+                          (["--chat-template", "--tasks", "vt", "--lengths", "512"], "has no chat template")]:
         assert run_cli(main, ["--model", "tiny-llama", "--out", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) >= 1 and err[-1].startswith("error: ") and message in err[-1], err
+
+
+@pytest.mark.parametrize("task", ["niah_multikey", "vt", "fwe"])
+def test_a_chat_prompt_is_the_template_around_the_plain_question_with_the_answer_prefix_after(smol, task):
+    plain = build_sample(smol, task, 2048, 0.5, index=0, seed=0)
+    chat = build_sample(smol, task, 2048, 0.5, index=0, seed=0, chat=True)
+    budget = 2048 - TASKS[task].max_new_tokens
+    assert budget - 12 < len(chat.ids) <= budget and chat.ids == smol(chat.text).input_ids
+    assert chat.answers == plain.answers and chat.units <= plain.units  # the template's tokens leave less room
+    user, prefix = plain.text.rsplit("\nAnswer: ", 1)
+    start = chat.text.index("<|im_start|>user\n") + len("<|im_start|>user\n")
+    assert chat.text.startswith("<|im_start|>system\n") and chat.text.endswith("<|im_start|>assistant\n" + prefix)
+    question = user.rsplit("\n\n", 1)[1]
+    assert chat.text[start:].startswith(TASKS[task].instruction) and f"{question}<|im_end|>" in chat.text
+    if chat.needle_token is not None:  # the needle's token index counts the template's tokens before it
+        assert chat.needle_token > plain.needle_token - 12 and smol.decode(chat.ids[chat.needle_token:]).lstrip(
+        ).startswith(("The special number for", "VAR "))
 
 
 def test_cli_writes_the_table_heatmaps_and_effective_length(tmp_path):
@@ -153,6 +183,13 @@ def test_cli_writes_the_table_heatmaps_and_effective_length(tmp_path):
     assert set(out["by_task"]) == {"niah_single", "vt"} and set(out["by_length"]) == {"768", "1024"}
     assert len(out["cells"]) == 2 * 2 * 2 and all(len(c["samples"]) == 1 for c in out["cells"])
     assert all(0.0 <= c["score"] <= 1.0 for c in out["cells"])
+    # depth 1 of a sample reused depth 0's instruction; and the answers are those of prefilling every prompt in full
+    assert 0 < out["reused_tokens"] < out["prompt_tokens"] and out["settings"]["shared_prefix"]
+    full = main(["--model", "tiny-llama", "--tasks", "niah_single,vt", "--lengths", "768,1024", "--depths", "0,1",
+                 "--samples", "1", "--out", str(tmp_path / "full"), "--threshold", "0.5", "--no-shared-prefix"])
+    assert full["reused_tokens"] == 0 and not full["settings"]["shared_prefix"]
+    assert [c["samples"][0]["prediction"] for c in full["cells"]] == [c["samples"][0]["prediction"]
+                                                                      for c in out["cells"]]
     assert out["effective_length"] == effective_length(out["by_length"], 0.5)
     for task in ("niah_single", "vt"):
         assert (folder / f"ruler_{task}.png").read_bytes()[:4] == b"\x89PNG"

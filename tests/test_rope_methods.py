@@ -245,6 +245,16 @@ def test_dynamic_methods_are_none_up_to_the_original_length(hd, base, L, s, frac
             assert torch.equal(inv, none) and scale == 1.0, (m, seq_len)
 
 
+@pytest.mark.parametrize("method", list(ROPE_METHODS))
+def test_length_dependent_marks_exactly_the_methods_whose_table_follows_the_length(method):
+    # the evals reuse a cached prompt prefix only when the table is the same at every length (eval.common)
+    L, s = 4096, 4.0
+    params = {"rope_theta": 5e5} if method == "theta" else longrope_lists(64) if method == "longrope" else {}
+    tables = [ROPE_METHODS[method].fn(64, 1e4, 1.0, L, s, params, seq_len=n) for n in (L // 2, 2 * L, 3 * L, 5 * L)]
+    varies = any(not torch.equal(t[0], tables[0][0]) or t[1] != tables[0][1] for t in tables)
+    assert varies == ROPE_METHODS[method].length_dependent
+
+
 @settings(max_examples=40, deadline=None)
 @given(hd=dims, base=bases, L=st.integers(64, 65536), over=st.floats(1.0001, 40.0))
 def test_dynamic_yarn_is_yarn_at_the_current_ratio(hd, base, L, over):
