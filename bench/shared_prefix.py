@@ -12,10 +12,11 @@ the share actually prefilled, wall and CPU seconds of each, their ratio, and how
 reuse is exact in exact arithmetic; in floating point a prefill split in two rounds differently, so a near-tie
 between two tokens could in principle flip).
 
-The saving has a ceiling set by the sweep: with depths d_1 < ... < d_k of one haystack, the first prompt is
-prefilled in full and each later one from the previous needle on, so the prefilled share is about
-(1 + sum over i > 1 of (1 - d_(i-1))) / k of the tokens (0.70 for 0, 0.25, 0.5, 0.75, 1); the tokens after the
-needle sit late in the prompt, where attention costs most, so the time share is a little higher.
+The saving has a ceiling set by the sweep and by attention. With depths d_1 < ... < d_k of one haystack, a prompt
+can reuse at most the text before the previous needle, and the tokens after it sit late in the prompt, where each
+attends to everything before it: the rest of a prompt with a cached fraction p costs about (1 - p) of the linear
+layers but (1 - p^2) of the attention. ``SharedPrefix`` reuses a prefix only from a third of the prompt on (below
+that, prefilling the rest after a cache is slower than one causal prefill on a CPU); docs/eval.md has the figures.
 """
 
 from __future__ import annotations

@@ -215,15 +215,22 @@ class Timer:
 
 @torch.inference_mode()
 def greedy_decode(model, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None,
-                  cache: Cache | None = None) -> list[int]:
+                  cache: Cache | None = None, prefill_chunk: int = 1024) -> list[int]:
     """Greedy continuation of ``ids``: one prefill forward (last position's logits only), then cached steps.
 
     ``cache``: a KV cache that already holds ``ids[:cache.get_seq_length()]`` (a prefix shared with an earlier
-    prompt, see ``SharedPrefix``); only the rest is prefilled, and the cache is extended in place.
+    prompt, see ``SharedPrefix``); only the rest is prefilled, ``prefill_chunk`` tokens per forward, and the cache is
+    extended in place. Why chunks: without a cache attention runs causal (the kernel skips the masked half); after a
+    cached prefix transformers passes an explicit mask and the CPU kernel then computes every query-key pair, twice
+    the work for a long rest; in chunks only the last block of each chunk is masked (measured in docs/eval.md).
     """
     device = next(model.parameters()).device
     start = 0 if cache is None else cache.get_seq_length()
-    out = model(input_ids=torch.tensor([ids[start:]], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    step = len(ids) if start == 0 else prefill_chunk
+    for a in range(start, len(ids), step):
+        out = model(input_ids=torch.tensor([ids[a:a + step]], device=device), cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache = out.cache
     tokens: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
@@ -265,12 +272,15 @@ class SharedPrefix:
     Exact for RoPE tables that do not depend on the sequence length: a cached key depends only on its token, its
     position and the tokens before it, which the shared prefix fixes. Methods whose table does (``length_dependent``
     in ``ropescale.methods``: dynamic NTK, dynamic YaRN, LongRoPE) pass ``enabled=False``, and every prompt is then
-    prefilled in full. The prefix is found on token ids, not text, so it holds for any tokenizer.
-    ``reused`` / ``prefilled``: prompt tokens taken from the cache / run through the model, over all prompts.
+    prefilled in full. The prefix is found on token ids, not text, so it holds for any tokenizer. A prefix shorter
+    than ``min_share`` of the prompt is not reused: the rest, prefilled after a cache, costs more per token than
+    one causal prefill (``greedy_decode``), and below about a third of an 8k prompt the reuse loses time on a CPU
+    (measured in docs/eval.md). ``reused`` / ``prefilled``: prompt tokens taken from the cache / run through the
+    model, over all prompts.
     """
 
-    def __init__(self, model, enabled: bool = True):
-        self.model, self.enabled = model, enabled
+    def __init__(self, model, enabled: bool = True, min_share: float = 1 / 3, prefill_chunk: int = 1024):
+        self.model, self.enabled, self.min_share, self.prefill_chunk = model, enabled, min_share, prefill_chunk
         self.ids: list[int] = []
         self.cache: Cache | None = None
         self.reused = self.prefilled = 0
@@ -278,11 +288,14 @@ class SharedPrefix:
     def decode(self, ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
         # at least the last prompt token is run: its logits give the first answer token
         keep = min(common_prefix(self.ids, ids), len(ids) - 1) if self.enabled and self.cache is not None else 0
-        if keep == 0:
-            self.cache = DynamicCache(config=self.model.config)
+        if keep < self.min_share * len(ids) or keep == 0:
+            keep, self.cache = 0, None
         else:  # drop the previous prompt's tail and answer (transformers' crop takes minus the tokens to remove)
             self.cache.crop(keep - self.cache.get_seq_length())
-        out = greedy_decode(self.model, ids, max_new_tokens, eos_token_id, cache=self.cache)
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        out = greedy_decode(self.model, ids, max_new_tokens, eos_token_id, cache=self.cache,
+                            prefill_chunk=self.prefill_chunk)
         self.ids = ids
         self.reused += keep
         self.prefilled += len(ids) - keep

@@ -109,6 +109,7 @@ def test_shared_prefix_bench_reuses_and_agrees(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["prompts"] == 5 and r["same_answers"] == 5
-    # 5 depths of one haystack: about (1 + 1 + 0.75 + 0.5 + 0.25) / 5 of the tokens are prefilled
-    assert 0.6 < r["shared"]["prefilled_share"] < 0.8
+    # 5 depths of one haystack: depths 0.75 and 1 reuse the prefix before the previous needle (0.5 and 0.75 of the
+    # prompt); 0.25 and 0.5 would reuse under a third and prefill in full: (1 + 1 + 1 + 0.5 + 0.25) / 5
+    assert 0.7 < r["shared"]["prefilled_share"] < 0.85  # at 768 tokens the instruction and question count too
     assert "answers the same" in proc.stdout.splitlines()[-1]

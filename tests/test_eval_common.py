@@ -126,21 +126,23 @@ def test_shared_prefix_reuses_only_the_common_tokens_and_gives_the_same_answers(
     rand = lambda n, seed: torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()  # noqa: E731
     base = rand(400, 0)
     prompts = [base, base[:250] + rand(120, 1), base[:250] + rand(120, 1),  # a depth later; the same prompt again
-               base[:100] + rand(300, 2), rand(200, 3), rand(200, 3)[:150] + rand(60, 4)]  # a shorter prefix; none
-    shared, full = SharedPrefix(model), SharedPrefix(model, enabled=False)
+               base[:100] + rand(300, 2),  # a prefix under a third of the prompt: prefilled in full
+               rand(200, 3), rand(200, 3)[:150] + rand(60, 4)]  # nothing shared; then a long prefix again
+    assert [common_prefix(prompts[i - 1], prompts[i]) for i in range(1, 6)] == [250, 370, 100, 0, 150]
+    expected = [0, 250, 369, 0, 0, 150]  # the last prompt token is always run: it gives the first answer token
+    # chunks of 64 tokens after a cached prefix, as 1,024 do at real lengths
+    shared, full = SharedPrefix(model, prefill_chunk=64), SharedPrefix(model, enabled=False)
     with torch.inference_mode():
-        for i, ids in enumerate(prompts):
+        for ids, reuse in zip(prompts, expected):
             before = shared.reused
             assert shared.decode(ids, 5) == full.decode(ids, 5) == greedy_decode(model, ids, 5)
-            expected = 0 if i == 0 else min(common_prefix(prompts[i - 1], ids), len(ids) - 1)
-            assert shared.reused - before == expected
+            assert shared.reused - before == reuse
             # the cache holds the prompt and all answer tokens but the last, computed as a full prefill would
             assert shared.cache.get_seq_length() == len(ids) + 4
             ref = model(input_ids=torch.tensor([ids]), use_cache=True).cache
             for a, b in zip(shared.cache.layers, ref.layers):
                 torch.testing.assert_close(a.keys[..., :len(ids), :], b.keys, rtol=1e-4, atol=1e-5)
-    assert [common_prefix(prompts[i - 1], prompts[i]) for i in range(1, 6)] == [250, 370, 100, 0, 150]
-    assert shared.reused == 250 + 369 + 100 + 0 + 150 and full.reused == 0
+    assert shared.reused == sum(expected) and full.reused == 0
     assert shared.reused + shared.prefilled == sum(map(len, prompts))
 
 

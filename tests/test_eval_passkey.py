@@ -120,13 +120,13 @@ def test_same_seed_same_numbers(tmp_path):
     b = evaluate_passkey(model, tok, [768], [0.0, 0.5], trials=2, seed=5)
     strip = lambda r: [[{k: v for k, v in t.items() if k != "seconds"} for t in c["trials"]] for c in r["cells"]]  # noqa: E731
     assert strip(a) == strip(b)
-    # the trials of a cell share the filler before the key: all but the first prefill from the key line on, and the
-    # answers are those of prefilling every prompt in full
+    # the trials of a cell share the filler before the key: a later trial prefills from the key line on when that
+    # saves time (a shared third of the prompt or more), and the answers are those of prefilling every prompt in full
     full = evaluate_passkey(model, tok, [768], [0.0, 0.5], trials=2, seed=5, shared_prefix=False)
     assert strip(full) == strip(a) and full["reused_tokens"] == 0
     prompts = [build_prompt(tok, 768, d, pass_key(5, 768, d, t), 10).ids for d in (0.0, 0.5) for t in (0, 1)]
-    assert a["reused_tokens"] == sum(common_prefix(p, q) for p, q in zip(prompts, prompts[1:]))
-    assert a["reused_tokens"] >= sum(t["key_position"] for c in a["cells"] for t in c["trials"][1:])
+    keeps = [min(common_prefix(p, q), len(q) - 1) for p, q in zip(prompts, prompts[1:])]
+    assert a["reused_tokens"] == sum(k for k, q in zip(keeps, prompts[1:]) if k >= len(q) / 3) > 0
 
 
 @pytest.mark.slow

@@ -176,16 +176,16 @@ def test_a_chat_prompt_is_the_template_around_the_plain_question_with_the_answer
 
 
 def test_cli_writes_the_table_heatmaps_and_effective_length(tmp_path):
-    out = main(["--model", "tiny-llama", "--tasks", "niah_single,vt", "--lengths", "768,1024", "--depths", "0,1",
+    out = main(["--model", "tiny-llama", "--tasks", "niah_single,vt", "--lengths", "768,1024", "--depths", "0.5,1",
                 "--samples", "1", "--out", str(tmp_path), "--threshold", "0.5"])
     folder = tmp_path / "tiny-llama-none-x1"
     assert json.loads((folder / "ruler.json").read_text()) == out
     assert set(out["by_task"]) == {"niah_single", "vt"} and set(out["by_length"]) == {"768", "1024"}
     assert len(out["cells"]) == 2 * 2 * 2 and all(len(c["samples"]) == 1 for c in out["cells"])
     assert all(0.0 <= c["score"] <= 1.0 for c in out["cells"])
-    # depth 1 of a sample reused depth 0's instruction; and the answers are those of prefilling every prompt in full
+    # depth 1 of a sample reused the half before depth 0.5's needle; the answers are those of prefilling in full
     assert 0 < out["reused_tokens"] < out["prompt_tokens"] and out["settings"]["shared_prefix"]
-    full = main(["--model", "tiny-llama", "--tasks", "niah_single,vt", "--lengths", "768,1024", "--depths", "0,1",
+    full = main(["--model", "tiny-llama", "--tasks", "niah_single,vt", "--lengths", "768,1024", "--depths", "0.5,1",
                  "--samples", "1", "--out", str(tmp_path / "full"), "--threshold", "0.5", "--no-shared-prefix"])
     assert full["reused_tokens"] == 0 and not full["settings"]["shared_prefix"]
     assert [c["samples"][0]["prediction"] for c in full["cells"]] == [c["samples"][0]["prediction"]
