@@ -3,6 +3,7 @@
     python bench/shared_prefix.py                                   # smollm2-135m, niah_single at 8k, 5 depths x 4
     python bench/shared_prefix.py --length 4096 --dtype float32     # what a CPU without bf16 units runs
     python bench/shared_prefix.py --task vt --samples 2
+    python bench/shared_prefix.py --costs                           # what a prefill after a cached prefix costs
 
 The sweep is ``eval.ruler.evaluate_ruler`` over ``--depths`` x ``--samples`` prompts of one task and length, run twice
 in one process on the same loaded model (after a warm-up forward): once with ``eval.common.SharedPrefix`` reusing
@@ -17,6 +18,8 @@ can reuse at most the text before the previous needle, and the tokens after it s
 attends to everything before it: the rest of a prompt with a cached fraction p costs about (1 - p) of the linear
 layers but (1 - p^2) of the attention. ``SharedPrefix`` reuses a prefix only from a third of the prompt on (below
 that, prefilling the rest after a cache is slower than one causal prefill on a CPU); docs/eval.md has the figures.
+``--costs`` measures that directly on random token ids: one causal prefill of ``--length`` tokens, then the rest
+after a cached prefix of 0.3%, 25%, 50% and 75% of it, in one forward and in chunks of 1,024 (``greedy_decode``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -50,6 +54,30 @@ def sweep(model, tok, args, shared: bool) -> dict:
                 answers=[s["prediction"] for cell in raw["cells"] for s in cell["samples"]])
 
 
+def costs(model, length: int) -> None:
+    """Seconds of one causal prefill of ``length`` tokens, and of the rest after cached prefixes."""
+    ids = torch.randint(100, model.config.vocab_size - 100, (1, length), generator=torch.Generator().manual_seed(0))
+
+    def timed(cached: int, chunk: int) -> float:
+        cache = DynamicCache(config=model.config)
+        if cached:
+            model(input_ids=ids[:, :cached], cache=cache, use_cache=True, logits_to_keep=1)
+        t = time.perf_counter()
+        for a in range(cached, length, chunk):
+            model(input_ids=ids[:, a:a + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        full = timed(0, length)
+        print(f"one causal prefill of {length} tokens: {full:.1f} s")
+        for share in (24 / length, 0.25, 0.5, 0.75):
+            cached = round(share * length)
+            one, chunked = timed(cached, length), timed(cached, 1024)
+            print(f"after {cached:6d} cached tokens ({share:5.1%}): the rest in one forward {one:6.1f} s "
+                  f"({one / full:.2f} of the full prefill), in chunks of 1024 {chunked:6.1f} s ({chunked / full:.2f})",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -61,6 +89,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--costs", action="store_true", help="measure prefill costs after cached prefixes instead")
     args = ap.parse_args()
     args.depths = parse_depths(args.depths)
     if not task_of(args.task).has_depth:
@@ -70,6 +99,9 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     with torch.inference_mode():  # first-call allocations and kernel selection, outside the timing
         model(input_ids=torch.tensor([tok("warm up " * 64).input_ids]), use_cache=False)
+    if args.costs:
+        costs(model, args.length)
+        return
     print(f"model {args.model} ({args.dtype}), {args.task} at {args.length}, depths {args.depths} x {args.samples} "
           f"samples, {args.threads} threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}",
           flush=True)

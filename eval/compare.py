@@ -1,4 +1,4 @@
-"""One table and two plots over many evaluations: which method and factor, with or without fine-tuning, works best.
+"""One table and three plots over many evaluations: which method and factor, with or without fine-tuning, works best.
 
     python -m eval.compare results/*/ runs/yarn-s4 --out results/compare [--wandb]
 
@@ -6,9 +6,10 @@ Each argument is a result file (``passkey.json``, ``perplexity.json``, ``ruler.j
 a run folder (results in its ``eval/``), or a folder of such folders. Results of one model (same model, method,
 factor, fine-tuned or not) form one row: perplexity, passkey accuracy and the RULER-style suite's averaged score at
 each length, and the suite's effective length. Written to ``--out``:
-``compare.md``, ``compare.csv``, ``perplexity.png`` (perplexity against length, one line per run) and
-``passkey.png`` (the passkey heatmaps side by side). With ``--wandb`` the table and both images are logged to
-Weights & Biases (``WANDB_MODE=offline`` works without an account).
+``compare.md``, ``compare.csv``, ``perplexity.png`` (perplexity against length, one line per run), ``passkey.png``
+(the passkey heatmaps side by side) and ``ruler.png`` (the suite's score against length, one line per run), each
+plot only when some result has its kind. With ``--wandb`` the table and the images are logged to Weights & Biases
+(``WANDB_MODE=offline`` works without an account).
 """
 
 from __future__ import annotations
@@ -131,43 +132,60 @@ def to_csv(header: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def plot_perplexity(runs: list[dict], path: Path) -> bool:
-    """Perplexity against length, one line per run; False (nothing written) when no run has perplexity."""
+def plot_lines(runs: list[dict], kind: str, values: str, ylabel: str, title: str, path: Path,
+               unit_range: bool = False) -> bool:
+    """``r[kind][values]`` ({length: value}) against length, one line per run that has it; False (nothing written)
+    when none has. ``unit_range``: a score in [0, 1] (fixed axis); otherwise a log axis when the values spread over
+    more than 10x (a method that breaks down would flatten the others)."""
     import matplotlib
     from matplotlib.figure import Figure
 
-    with_ppl = [r for r in runs if r["perplexity"]]
-    if not with_ppl:
+    with_kind = [r for r in runs if r[kind]]
+    if not with_kind:
         return False
-    fig = Figure(figsize=(7 if len(with_ppl) <= 8 else 9.5, 4.2), layout="constrained")
+    fig = Figure(figsize=(7 if len(with_kind) <= 8 else 9.5, 4.2), layout="constrained")
     ax = fig.subplots()
     # One colour per (method, factor), so a fine-tuned run (solid) and its training-free twin (dashed) pair up.
-    keys = list(dict.fromkeys((r["model"]["method"], r["model"]["factor"]) for r in with_ppl))
+    keys = list(dict.fromkeys((r["model"]["method"], r["model"]["factor"]) for r in with_kind))
     palette = matplotlib.colormaps["tab10" if len(keys) <= 10 else "tab20"].colors
-    for r in with_ppl:
-        pts = sorted((int(k), v) for k, v in r["perplexity"]["ppl"].items() if v is not None and math.isfinite(v))
+    for r in with_kind:
+        pts = sorted((int(k), v) for k, v in r[kind][values].items() if v is not None and math.isfinite(v))
         ls = "-" if r["model"]["fine_tuned"] else "--"
         color = palette[keys.index((r["model"]["method"], r["model"]["factor"])) % len(palette)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=ls, color=color,
                 label=r["model"]["label"])
-    originals = sorted({r["model"]["original_context"] for r in with_ppl if r["model"]["original_context"]})
+    originals = sorted({r["model"]["original_context"] for r in with_kind if r["model"]["original_context"]})
     for i, L in enumerate(originals):
         ax.axvline(L, color="grey", linestyle=":", label="original context" if i == 0 else None)
-    modes = sorted({r["perplexity"]["settings"]["mode"] for r in with_ppl})
-    length_axis(ax, sorted({int(k) for r in with_ppl for k in r["perplexity"]["ppl"]}))
-    values = [v for r in with_ppl for v in r["perplexity"]["ppl"].values() if v is not None]
-    if values and max(values) > 10 * min(values):  # a method that breaks down would flatten the others
+    length_axis(ax, sorted({int(k) for r in with_kind for k in r[kind][values]}))
+    found = [v for r in with_kind for v in r[kind][values].values() if v is not None]
+    if unit_range:
+        ax.set_ylim(-0.03, 1.03)
+    elif found and max(found) > 10 * min(found):
         ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(f"perplexity ({', '.join(modes)})")
-    ax.set_title("perplexity by context length (dashed: training-free)", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (dashed: training-free)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    if len(with_ppl) <= 8:
+    if len(with_kind) <= 8:
         ax.legend(fontsize=8)
     else:  # outside the axes, where it hides no line
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
     return True
+
+
+def plot_perplexity(runs: list[dict], path: Path) -> bool:
+    """Perplexity against length, one line per run; False (nothing written) when no run has perplexity."""
+    modes = sorted({r["perplexity"]["settings"]["mode"] for r in runs if r["perplexity"]})
+    return plot_lines(runs, "perplexity", "ppl", f"perplexity ({', '.join(modes)})", "perplexity by context length",
+                      path)
+
+
+def plot_ruler(runs: list[dict], path: Path) -> bool:
+    """The RULER-style suite's score (mean over tasks) against length, one line per run; False when none has it."""
+    return plot_lines(runs, "ruler", "by_length", "RULER-style score (mean over tasks)",
+                      "RULER-style suite by context length", path, unit_range=True)
 
 
 def plot_passkey(runs: list[dict], path: Path) -> bool:
@@ -225,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_atomic(out / "compare.md", markdown(header, rows, runs))
     write_atomic(out / "compare.csv", to_csv(header, rows))
     images = [p for p, ok in ((out / "perplexity.png", plot_perplexity(runs, out / "perplexity.png")),
-                              (out / "passkey.png", plot_passkey(runs, out / "passkey.png"))) if ok]
+                              (out / "passkey.png", plot_passkey(runs, out / "passkey.png")),
+                              (out / "ruler.png", plot_ruler(runs, out / "ruler.png"))) if ok]
     log(f"compare: {len(runs)} runs -> {out}/compare.md, compare.csv, " + ", ".join(p.name for p in images))
     result = {"columns": header, "rows": rows, "files": [str(out / "compare.md"), str(out / "compare.csv")]
               + [str(p) for p in images]}

@@ -117,7 +117,7 @@ def demo(parallel: int = 2) -> Path:
     run_logged("compare", [sys.executable, "-m", "eval.compare", str(out), "--out", str(compare)])
     print()
     print((compare / "compare.md").read_text())
-    for name in ("compare.md", "compare.csv", "perplexity.png", "passkey.png"):
+    for name in ("compare.md", "compare.csv", "perplexity.png", "passkey.png", "ruler.png"):
         if (compare / name).is_file():
             print(f"  {compare / name}")
     print(f"  per-model results (with loss by position): {out}/*/perplexity.md, passkey.md, *.png")

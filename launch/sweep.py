@@ -517,8 +517,8 @@ def results_page(sweep: Sweep, records: list[dict], command: str) -> str:
     lines += [f"| {r['name']} | {r['status']}{' (by an earlier run)' if r.get('skipped') else ''} | "
               f"{r.get('seconds') or ''} |" for r in records]
     lines += ["", (sweep.folder / "compare.md").read_text().rstrip(), ""]
-    lines += [f"![{png.stem}]({png.name})" for png in (sweep.folder / "perplexity.png", sweep.folder / "passkey.png")
-              if png.is_file()]
+    lines += [f"![{png.stem}]({png.name})" for png in (sweep.folder / "perplexity.png", sweep.folder / "passkey.png",
+                                                        sweep.folder / "ruler.png") if png.is_file()]
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,7 @@ def test_parent_folder_and_single_files_are_accepted(results, tmp_path):
     only_ppl = main([str(one / "perplexity.json"), "--out", str(tmp_path / "b")])
     assert len(only_ppl["rows"]) == 1 and not any(c.startswith("passkey") for c in only_ppl["columns"])
     assert not (tmp_path / "b" / "passkey.png").exists() and (tmp_path / "b" / "perplexity.png").exists()
+    assert not (tmp_path / "b" / "ruler.png").exists()
 
 
 def test_run_folders_are_searched_where_train_writes_their_results(results, tmp_path):

@@ -201,3 +201,6 @@ def test_cli_writes_the_table_heatmaps_and_effective_length(tmp_path):
     assert table["columns"][-3:] == ["ruler@768", "ruler@1024", "ruler_effective"]
     assert [row["ruler@768"], row["ruler@1024"]] == [out["by_length"]["768"], out["by_length"]["1024"]]
     assert row["ruler_effective"] == out["effective_length"]
+    # and a plot of the suite's score against length, only where some result has the suite
+    png = tmp_path / "cmp" / "ruler.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and str(png) in table["files"]
