@@ -38,13 +38,26 @@ from bench.train_paths import (MODELS, VARIANTS, check_choice, flops_per_token, 
 
 DEFAULT_PATHS = "ours-fp32,ours,ours-zero2x2,trainer,trainer-bf16"
 # A square matmul and SmolLM2's MLP up-projection over 4k tokens: the best of them is the machine's rate.
-MATMUL_SHAPES = ((2048, 2048, 2048), (4096, 576, 1536))
+MATMUL_SHAPES = "2048x2048x2048,4096x576x1536"
 
 
-def matmul_tflops(dtype: torch.dtype, device: torch.device, repeats: int = 3) -> dict:
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``MxKxN,...`` -> [(M, K, N), ...]; each size 1..65536."""
+    try:
+        shapes = [tuple(int(x) for x in part.lower().split("x")) for part in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or not all(1 <= x <= 65536 for x in s) for s in shapes):
+        raise SystemExit(f"error: --matmul-shapes {text!r}: expected MxKxN[,MxKxN...] with sizes 1-65536, "
+                         f"e.g. {MATMUL_SHAPES}")
+    return shapes
+
+
+def matmul_tflops(dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int, int]],
+                  repeats: int = 3) -> dict:
     """torch.mm rate in TFLOP/s per shape (best of ``repeats`` after a warm-up) and the best over shapes."""
     rates = {}
-    for m, k, n in MATMUL_SHAPES:
+    for m, k, n in shapes:
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         best = float("inf")
@@ -150,7 +163,11 @@ def main() -> None:
                     help="threads in all (a two-process path gives each process half)")
     ap.add_argument("--warmup-len", type=int, default=256, help="tokens of the untimed first step")
     ap.add_argument("--out", default=None, help="also write the final JSON to this file")
+    ap.add_argument("--matmul-shapes", default=MATMUL_SHAPES,
+                    help="the shapes of the matmul rate probe (a CPU without bf16 units emulates bf16 at about "
+                         "1/150 of its fp32 rate: there the default shapes take over a minute)")
     args = ap.parse_args()
+    shapes = parse_shapes(args.matmul_shapes)
     models = check_choice(args.model, MODELS, "--model")
     paths = check_choice(args.paths, VARIANTS, "--paths")
     lengths = sorted(parse_lengths(args.lengths)) if args.lengths else None
@@ -164,7 +181,8 @@ def main() -> None:
     mem = "peak_dev_gib" if device.type == "cuda" else "peak_rss_gib"
     info = machine()
     torch.set_num_threads(args.threads)
-    rates = {"fp32": matmul_tflops(torch.float32, device), "bf16": matmul_tflops(torch.bfloat16, device)}
+    rates = {name: matmul_tflops(dtype, device, shapes) for name, dtype in (("fp32", torch.float32),
+                                                                             ("bf16", torch.bfloat16))}
     print(f"{info['cpu']} ({info['cores']} cores{', ' + info['gpu'] if info['gpu'] else ''}), torch {info['torch']}, "
           f"transformers {info['transformers']}, {info['date']}, load average {info['load_average']}, "
           f"{args.threads} threads")

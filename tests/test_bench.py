@@ -28,7 +28,7 @@ def _bench(script: str, *args: str, out: Path) -> dict:
 def test_train_throughput_all_paths(tmp_path):
     paths = ["ours-fp32", "ours", "ours-zero2x2", "trainer", "trainer-bf16"]
     r = _bench("train_throughput.py", "--model", "tiny-llama", "--lengths", "384", "--warmup-len", "128",
-               "--paths", ",".join(paths), out=tmp_path / "train.json")
+               "--paths", ",".join(paths), "--matmul-shapes", "256x256x256", out=tmp_path / "train.json")
     assert {"cpu", "cores", "torch", "date"} <= r["machine"].keys()
     assert r["matmul_tflops"]["fp32"]["best"] > 0 and r["matmul_tflops"]["bf16"]["best"] > 0
     got = {(row["variant"], row["seq_len"]): row for row in r["results"]}

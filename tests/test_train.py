@@ -263,3 +263,21 @@ def test_checkpointing_keeps_attention_outputs_and_the_gradients_do_not_change()
     assert grads_kept.keys() == grads_full.keys()
     for name, g in grads_kept.items():
         torch.testing.assert_close(g, grads_full[name], rtol=0, atol=1e-6)
+
+
+def test_auto_precision_follows_onednn_isa_cap(monkeypatch):
+    from training.runtime import choose_precision, cpu_bf16_units
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    units = cpu_bf16_units()
+    assert choose_precision("auto", cpu)[0] == ("bf16" if units else "fp32")
+    # below AVX512_CORE_BF16 oneDNN emulates bf16: auto must not pick it, whatever the CPU has
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert cpu_bf16_units() == []
+    precision, reason = choose_precision("auto", cpu)
+    assert precision == "fp32" and "ONEDNN_MAX_CPU_ISA=avx2 hides them" in reason
+    assert choose_precision("bf16", cpu)[0] == "bf16"  # an explicit setting is kept
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert cpu_bf16_units() == [u for u in units if u == "avx512_bf16"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_bf16_units() == units

@@ -68,15 +68,27 @@ def init_distributed(dev: torch.device) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+# oneDNN (torch's CPU bf16 matmuls) uses no more of the CPU than ONEDNN_MAX_CPU_ISA allows: below AVX512_CORE_BF16 it
+# emulates bf16 as on a CPU without the units, so the cap hides them from `auto` too (and lets a machine with them
+# stand in for one without: docs/testing.md).
+ISA_BF16_UNITS = {"AVX512_CORE_BF16": {"avx512_bf16"}, "AVX512_CORE_FP16": {"avx512_bf16"},
+                  "AVX10_1_512": {"avx512_bf16"}}
+
+
 def cpu_bf16_units() -> list[str]:
-    """The bf16 matrix units this CPU lists in /proc/cpuinfo (``amx_bf16``, ``avx512_bf16``); empty elsewhere."""
+    """The bf16 matrix units this CPU lists in /proc/cpuinfo (``amx_bf16``, ``avx512_bf16``) that oneDNN may use
+    under ``ONEDNN_MAX_CPU_ISA`` (unset, ``ALL`` or an AMX level: all of them); empty elsewhere."""
     flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return sorted(flags & {"amx_bf16", "avx512_bf16"})
+    units = flags & {"amx_bf16", "avx512_bf16"}
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").strip().upper()
+    if cap not in ("", "ALL", "DEFAULT") and "AMX" not in cap:
+        units &= ISA_BF16_UNITS.get(cap, set())
+    return sorted(units)
 
 
 def choose_precision(requested: str, dev: torch.device) -> tuple[str, str]:
@@ -91,7 +103,9 @@ def choose_precision(requested: str, dev: torch.device) -> tuple[str, str]:
     units = cpu_bf16_units()
     if units:
         return "bf16", f"auto: this CPU has bf16 matrix units ({', '.join(units)})"
-    return "fp32", "auto: this CPU has no bf16 matrix units (no amx_bf16 or avx512_bf16 in /proc/cpuinfo)"
+    capped = f", or ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']} hides them" \
+        if os.environ.get("ONEDNN_MAX_CPU_ISA") else ""
+    return "fp32", f"auto: this CPU has no bf16 matrix units (no amx_bf16 or avx512_bf16 in /proc/cpuinfo{capped})"
 
 
 def has_flash_attn() -> bool:
