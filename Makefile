@@ -27,13 +27,14 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
-# The main job on the embedded CPU default (launch/demo.py): the testbed base (a small Llama pretrained here at a
-# native 256 tokens; built once into runs/testbed/model, then reused), YaRN s=4 LoRA fine-tuning under DeepSpeed with
-# 2 CPU processes, perplexity and passkey at 1x-8x for base / training-free YaRN / fine-tuned YaRN, the table.
+# The main job on the embedded CPU default (launch/demo.py): on the committed testbed base (models/testbed, a small
+# Llama pretrained at a native 256 tokens), PI, NTK-aware, NTK-by-parts and YaRN at s=4, each training-free and LoRA
+# fine-tuned under DeepSpeed with 2 CPU processes, perplexity and passkey at 1x-8x, the table and the plots.
 demo: venv
 	$(BIN)/python -m launch.demo
 
-# Only the testbed base (launch/testbed.py); `make demo` builds it when needed.
+# Rebuild the testbed base from scratch into runs/testbed/model (launch/testbed.py; `python -m launch.testbed
+# --install` then replaces the committed models/testbed).
 testbed: venv
 	$(BIN)/python -m launch.testbed
 

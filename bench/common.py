@@ -9,10 +9,8 @@ Peak RSS is the kernel's high-water mark ``VmHWM`` from ``/proc/self/status``; w
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
-import platform
 import signal
 import subprocess
 import tempfile
@@ -35,28 +33,6 @@ def reset_peak() -> float:
     """Reset the peak-RSS mark (VmHWM) to the current RSS; returns the current RSS in MiB."""
     Path("/proc/self/clear_refs").write_text("5")
     return status_mib("VmRSS")
-
-
-def machine() -> dict:
-    """What a figure was measured on: CPU model, cores, GPU, library versions, date, load average."""
-    import transformers
-
-    from training.runtime import cpu_bf16_units
-
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "bf16_units": cpu_bf16_units(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "load_average": round(os.getloadavg()[0], 2),
-    }
 
 
 def emit_record(record: dict, out: str | None) -> None:

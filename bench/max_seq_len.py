@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import emit_record, machine  # noqa: E402
+from bench.common import emit_record  # noqa: E402
+from training.runtime import machine  # noqa: E402
 from utils.cli import exit_process  # noqa: E402
 from bench.train_paths import MODELS, VARIANTS, launch  # noqa: E402
 

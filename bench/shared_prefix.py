@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine  # noqa: E402
+from training.runtime import machine  # noqa: E402
 from eval.common import DTYPES  # noqa: E402
 from eval.passkey import parse_depths  # noqa: E402
 from eval.ruler import evaluate_ruler, task_of  # noqa: E402

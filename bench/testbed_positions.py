@@ -46,7 +46,7 @@ def position_nll(model, ids: torch.Tensor, length: int, batch_size: int = 4) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="runs/testbed/model", help="the base model folder")
+    ap.add_argument("--model", default="models/testbed", help="the base model folder")
     ap.add_argument("--length", type=int, default=1024, help="window length in tokens")
     ap.add_argument("--bucket", type=int, default=128, help="positions per bucket")
     ap.add_argument("--runs", nargs="*", default=[], help="fine-tuned run folders to add as rows")

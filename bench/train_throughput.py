@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import emit_record, machine  # noqa: E402
+from bench.common import emit_record  # noqa: E402
+from training.runtime import machine  # noqa: E402
 from utils.cli import exit_process  # noqa: E402
 from bench.train_paths import (MODELS, VARIANTS, check_choice, flops_per_token, launch,  # noqa: E402
                              parse_lengths)

@@ -1,23 +1,29 @@
-"""The main job on the embedded CPU default (``make demo``): the testbed's context-extension experiment end to end.
+"""The main job on the embedded CPU default (``make demo``): the mission's comparison on the testbed, end to end.
 
-    python -m launch.demo
+    python -m launch.demo [--plan auto|full|small] [--parallel 2]
 
-1. the testbed base (``launch.testbed``: built once, reused while its configs, tokenizer and data are unchanged);
-2. YaRN s=4 LoRA fine-tuning: ``OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train.py --config
-   configs/testbed/yarn_4x.yaml`` into ``runs/demo/yarn_4x`` (replaced on every run);
-3. perplexity (bundled held-out book) and passkey at 1x, 2x, 4x and 8x the native 256 tokens, with the settings of
-   the config's ``eval:`` section, for three models: the base without scaling, the base with training-free YaRN
-   s=4, and the fine-tuned model; six evaluation processes, two at a time with one thread each (two cores; more
-   threads per process only fight over them), in bfloat16 where the CPU has bf16 units (``eval_dtype``), each output
-   line prefixed with its name;
-4. ``eval.compare`` over the results: the table is printed and the plots' paths given (``runs/demo/compare/``).
+1. the committed testbed base (``models/testbed``: a small Llama pretrained at a native 256 tokens that retrieves a
+   pass key at its native length; ``make testbed`` rebuilds it, docs/testbed.md), checked against its manifest;
+2. LoRA fine-tuning at s=4 for each of PI, NTK-aware, NTK-by-parts and YaRN: ``OMP_NUM_THREADS=1 deepspeed
+   --num_gpus 2 train.py --config configs/testbed/<method>_4x.yaml`` into ``runs/demo/<method>_4x`` (replaced on
+   every run), one after the other (each uses both cores);
+3. perplexity (bundled held-out book) and passkey at 1x, 2x, 4x and 8x the native 256 tokens for nine models: the
+   base without scaling, the base under each method training-free, and the four fine-tuned models; one process per
+   model and metric, ``--parallel`` at a time with one thread each, in bfloat16 where the CPU has bf16 units
+   (``eval_dtype``), each output line prefixed with its name;
+4. ``eval.compare`` over the results: the table, a two-line reading of it, and the plots' paths
+   (``runs/demo/compare/``).
 
+``--plan``: ``full`` evaluates each metric with the configs' ``eval:`` settings; ``small`` uses fewer passkey
+prompts so that a CPU without bf16 units (fp32, about 3x slower) stays within about 25 minutes;
+``auto`` (default) picks ``full`` where the CPU has bf16 units and ``small`` elsewhere, and says so.
 Every command is printed before it runs, with the time since the start.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -29,13 +35,18 @@ from pathlib import Path
 
 import torch
 
-from configs.schema import load_run_config
-from launch.testbed import MODEL_DIR, TestbedError, build, deepspeed_launcher
+from configs.schema import EvalSection, load_run_config
+from eval import compare
+from launch.testbed import COMMITTED_DIR, MANIFEST, TestbedError, deepspeed_launcher, file_table
 from training.runtime import choose_precision
 from utils.cli import exit_process, run_cli
 
-CONFIG = Path("configs/testbed/yarn_4x.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("pi", "ntk_aware", "ntk_by_parts", "yarn")  # configs/testbed/<name>_4x.yaml
+FACTOR = 4
 DEMO_DIR = Path("runs/demo")
+# The small plan (CPUs without bf16 units): 3 depths x 2 trials of passkey per length instead of the config's.
+SMALL = {"passkey_depths": [0.0, 0.5, 1.0], "passkey_trials": 2}
 _print_lock = threading.Lock()
 _T0 = time.perf_counter()
 
@@ -66,70 +77,141 @@ def run_logged(name: str, cmd: list[str]) -> None:
 
 def eval_dtype() -> str:
     """bfloat16 where the CPU has bf16 matrix units (train.py's ``auto`` rule), else float32. Measured on the testbed
-    base (this 2-core machine, one thread): 2.5x faster at 256 tokens, 1.9x at 2048, perplexity equal to 1e-4
-    relative (logits are upcast to fp32 either way)."""
+    base (2-core AMD EPYC with avx512_bf16, one thread): 2.5x faster at 256 tokens, 1.9x at 2048, perplexity equal
+    to 1e-4 relative (logits are upcast to fp32 either way)."""
     return "bfloat16" if choose_precision("auto", torch.device("cpu"))[0] == "bf16" else "float32"
 
 
-def eval_jobs(run: Path, factor: float, e, out: Path, dtype: str = "float32") -> list[tuple[str, list[str]]]:
-    """(name, command) of every evaluation: perplexity and passkey for base, training-free and fine-tuned."""
+def choose_plan(plan: str) -> tuple[str, str]:
+    """(plan, why): ``auto`` is ``full`` with bf16 units, ``small`` without (fp32 is about 3x slower there)."""
+    if plan != "auto":
+        return plan, "--plan " + plan
+    precision, why = choose_precision("auto", torch.device("cpu"))
+    return ("full" if precision == "bf16" else "small"), why
+
+
+def check_base(folder: Path = COMMITTED_DIR) -> Path:
+    """The committed base, every file as its manifest lists it (a damaged or half-replaced base is refused)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise TestbedError(f"{folder} has no {MANIFEST}: restore it with `git checkout -- models/testbed`, or "
+                           "rebuild and install a base with `python -m launch.testbed --install`")
+    if file_table(folder) != json.loads(manifest.read_text())["files"]:
+        raise TestbedError(f"{folder} does not match its {MANIFEST} (a changed or missing file): restore it with "
+                           "`git checkout -- models/testbed`, or `python -m launch.testbed --install`")
+    return folder
+
+
+def eval_jobs(models: list[tuple[str, list[str]]], e: EvalSection, out: Path, dtype: str = "float32",
+              plan: str = "full") -> list[tuple[str, list[str]]]:
+    """(name, command) of every evaluation: perplexity and passkey for each (name, model arguments)."""
     py = sys.executable
-    lengths = ",".join(map(str, e.perplexity_lengths))
-    models = [("base", ["--model", str(MODEL_DIR)]),
-              (f"yarn x{factor:g}", ["--model", str(MODEL_DIR), "--rope", "yarn", "--factor", f"{factor:g}"]),
-              (f"yarn x{factor:g} fine-tuned", ["--model", str(run)])]
     common = ["--out", str(out), "--threads", "1", "--dtype", dtype]
-    ppl = [(f"ppl {name}", [py, "-m", "eval.perplexity", *m, *common, "--lengths", lengths,
-                            "--mode", e.perplexity_mode] + (["--stride", str(e.stride)] if e.stride else []))
+    depths = SMALL["passkey_depths"] if plan == "small" else e.passkey_depths
+    trials = SMALL["passkey_trials"] if plan == "small" else e.passkey_trials
+    ppl = [(f"ppl {name}", [py, "-m", "eval.perplexity", *m, *common,
+                            "--lengths", ",".join(map(str, e.perplexity_lengths)), "--mode", e.perplexity_mode]
+           + (["--stride", str(e.stride)] if e.stride else []))
            for name, m in models]
     passkey = [(f"passkey {name}", [py, "-m", "eval.passkey", *m, *common,
                                     "--lengths", ",".join(map(str, e.passkey_lengths)),
-                                    "--depths", ",".join(f"{d:g}" for d in e.passkey_depths),
-                                    "--trials", str(e.passkey_trials)])
+                                    "--depths", ",".join(f"{d:g}" for d in depths), "--trials", str(trials)])
                for name, m in models]
-    return ppl + passkey  # the long ones first, so the two workers finish together
+    return ppl + passkey  # the long ones first, so that the workers finish together
 
 
-def demo(parallel: int = 2) -> Path:
-    cfg = load_run_config(CONFIG)
-    if cfg.eval is None or not cfg.eval.perplexity_lengths or not cfg.eval.passkey_lengths:
-        raise TestbedError(f"{CONFIG} needs an eval: section with perplexity_lengths and passkey_lengths")
-    _say("step 1/4: testbed base")
-    build()
-    run = DEMO_DIR / CONFIG.stem
-    if run.exists():
-        shutil.rmtree(run)
-    _say(f"step 2/4: {cfg.rope.method} x{cfg.rope.factor:g} LoRA fine-tuning, 2 processes")
-    # eval=null: the evaluations run below, two processes at a time, rather than inside rank 0 of the training job
-    run_logged("train", deepspeed_launcher(2) + ["train.py", "--config", str(CONFIG),
-                                                 "--set", f"output.dir={run}", "--set", "eval=null"])
+def demo_models(base: Path, runs: dict[str, Path], methods: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(name, model arguments) of the nine models: the base, each method training-free, each fine-tuned run."""
+    models = [("base", ["--model", str(base)])]
+    models += [(f"{rope} x{FACTOR}", ["--model", str(base), "--rope", rope, "--factor", str(FACTOR)])
+               for rope in methods.values()]
+    models += [(f"{methods[name]} x{FACTOR} fine-tuned", ["--model", str(run)]) for name, run in runs.items()]
+    return models
+
+
+def reading(header: list[str], rows: list[list]) -> list[str]:
+    """Two lines under the table: perplexity at the target length and passkey within it, for each method
+    training-free and fine-tuned, with the base for reference."""
+    col = {h: i for i, h in enumerate(header)}
+    target, native = 256 * FACTOR, 256
+    pk = [f"passkey@{L}" for L in (native, 2 * native, target) if f"passkey@{L}" in col]
+
+    def who(row) -> str:
+        return "base" if row[col["method"]] == "none" else row[col["method"]]
+
+    def pk_mean(row) -> float:
+        return sum(row[col[c]] or 0.0 for c in pk) / len(pk)
+
+    tf = [r for r in rows if not r[col["fine_tuned"]] and r[col["method"]] != "none"]
+    ft = [r for r in rows if r[col["fine_tuned"]]]
+    base = [r for r in rows if r[col["method"]] == "none"]
+    ppl = f"ppl@{target}"
+    line1 = (f"Perplexity at {target} tokens (4x): fine-tuned " + ", ".join(
+        f"{who(r)} {r[col[ppl]]:.1f}" for r in sorted(ft, key=lambda r: r[col[ppl]])) + "; training-free " + ", ".join(
+        f"{who(r)} {r[col[ppl]]:.1f}" for r in sorted(tf, key=lambda r: r[col[ppl]]))
+        + (f"; the unscaled base {base[0][col[ppl]]:.1f}." if base else "."))
+    line2 = (f"Passkey at 1x-4x ({native}-{target} tokens), mean: fine-tuned " + ", ".join(
+        f"{who(r)} {pk_mean(r):.0%}" for r in sorted(ft, key=pk_mean, reverse=True)) + "; training-free " + ", ".join(
+        f"{who(r)} {pk_mean(r):.0%}" for r in sorted(tf, key=pk_mean, reverse=True))
+        + (f"; the base {pk_mean(base[0]):.0%} ({base[0][col[pk[0]]]:.0%} at {native})." if base else "."))
+    return [line1, line2]
+
+
+def demo(parallel: int = 2, plan: str = "auto") -> Path:
+    plan, why = choose_plan(plan)
+    configs = {name: load_run_config(ROOT / "configs" / "testbed" / f"{name}_{FACTOR}x.yaml") for name in METHODS}
+    e = configs["yarn"].eval
+    if e is None or not e.perplexity_lengths or not e.passkey_lengths:
+        raise TestbedError(f"configs/testbed/yarn_{FACTOR}x.yaml needs an eval: section with perplexity_lengths and "
+                           "passkey_lengths")
+    _say(f"plan: {plan} ({why})")
+    _say("step 1/4: the committed testbed base")
+    base = check_base().relative_to(ROOT)
+    _say(f"  {base}: every file matches its manifest")
+    _say(f"step 2/4: LoRA fine-tuning at s={FACTOR}, {', '.join(METHODS)}; 2 processes each")
+    runs = {}
+    for name, cfg in configs.items():
+        run = DEMO_DIR / f"{name}_{FACTOR}x"
+        if run.exists():
+            shutil.rmtree(run)
+        # eval=null: the evaluations run below, several processes at a time, rather than in rank 0 of the job
+        run_logged(f"train {name}", deepspeed_launcher(2) + [
+            "train.py", "--config", str(ROOT / "configs" / "testbed" / f"{name}_{FACTOR}x.yaml"),
+            "--set", f"output.dir={run}", "--set", "eval=null"])
+        runs[name] = run
     dtype = eval_dtype()
     _say(f"step 3/4: evaluations ({parallel} at a time, {dtype})")
     out = DEMO_DIR / "eval"
     if out.exists():
         shutil.rmtree(out)
-    jobs = eval_jobs(run, cfg.rope.factor, cfg.eval, out, dtype)
+    methods = {name: cfg.rope.method for name, cfg in configs.items()}
+    jobs = eval_jobs(demo_models(base, runs, methods), e, out, dtype, plan)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for future in [pool.submit(run_logged, name, cmd) for name, cmd in jobs]:
             future.result()
     _say("step 4/4: comparison")
-    compare = DEMO_DIR / "compare"
-    run_logged("compare", [sys.executable, "-m", "eval.compare", str(out), "--out", str(compare)])
+    where = DEMO_DIR / "compare"
+    result = compare.main([str(out), "--out", str(where)])
     print()
-    print((compare / "compare.md").read_text())
-    for name in ("compare.md", "compare.csv", "perplexity.png", "passkey.png", "ruler.png"):
-        if (compare / name).is_file():
-            print(f"  {compare / name}")
+    print((where / "compare.md").read_text())
+    for line in reading(result["columns"], result["rows"]):
+        print(line)
+    print()
+    for f in result["files"]:
+        print(f"  {f}")
     print(f"  per-model results (with loss by position): {out}/*/perplexity.md, passkey.md, *.png")
     _say("done")
-    return compare
+    return where
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--parallel", type=int, default=2, help="evaluation processes at a time (one thread each)")
+    ap.add_argument("--plan", choices=("auto", "full", "small"), default="auto",
+                    help="full: the configs' eval settings; small: fewer passkey prompts "
+                         "(CPUs without bf16 units); auto: full with bf16 units, else small")
     args = ap.parse_args(argv)
-    return run_cli(lambda _: demo(max(1, args.parallel)))
+    return run_cli(lambda _: demo(max(1, args.parallel), args.plan))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Build the testbed base once and cache it: tokenizer -> pretraining with train.py -> ``runs/testbed/model``.
+"""Build the testbed base: tokenizer -> pretraining with train.py -> ``runs/testbed/model``; ``--install`` commits it.
 
-    python -m launch.testbed [--nproc 2] [--force] [--set train.max_steps=100 ...]
+    python -m launch.testbed [--nproc 2] [--force] [--install] [--set train.max_steps=100 ...]
 
 The testbed is a small Llama pretrained from scratch at a native context of 256 tokens (configs/testbed/base.yaml),
 so that the whole context-extension experiment (extend 4x-8x, fine-tune, evaluate, compare) runs on a CPU in minutes.
-The build has two steps, each skipped when its key file matches:
+The base the demo and the extension configs use is the committed one, ``models/testbed`` (safetensors, tokenizer,
+config and ``manifest.json``: the recipe, the build command and the sha256 of every file); this module rebuilds it
+(``make testbed``) and, with ``--install``, replaces the committed copy. The build has two steps, each skipped when
+its key file matches:
 
 1. the tokenizer (``model.tokenizer``): a 4k byte-level BPE with single-digit tokens trained on the bundled corpus's
    train split (data/tokenizer_train.py); key: vocabulary size, the corpus manifest, the trainer's source;
@@ -14,10 +17,10 @@ The build has two steps, each skipped when its key file matches:
    tokenizer's sha256, and the data behind each source (corpus sha256s, the synthetic generators' fingerprints).
    Code changes (train.py, transformers) do not rebuild the base: ``--force`` does.
 
-A build that stops half-way leaves no key file, so the next call builds again, resuming from the run folder's last
-checkpoint when it was started for the same key (``--resume auto``). ``runs/testbed/model`` is a plain model folder
-(config.json with native context 256, safetensors, tokenizer): the extension configs start from it and ``eval``
-treats it as a base model, not as a fine-tuned run.
+A rebuild reproduces the committed base's recipe exactly (config, tokenizer, data, key: tests/test_testbed.py checks
+it without training), not its weights: float sums differ across CPUs and process counts. After a build the command
+says whether its recipe is the committed one. A build that stops half-way leaves no key file, so the next call builds
+again, resuming from the run folder's last checkpoint when it was started for the same key (``--resume auto``).
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ import yaml
 from configs.schema import RunConfig, load_run_config
 from models.build import apply_arch
 from models.load import load_config, load_tokenizer
+from training.runtime import machine
 from utils.cli import UserError, exit_process, free_port, run_cli
 from utils.files import atomic_dir, file_sha256, json_digest, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = Path("configs/testbed/base.yaml")  # relative to ROOT; run and model folders are relative to the cwd
-MODEL_DIR = Path("runs/testbed/model")
+MODEL_DIR = Path("runs/testbed/model")  # what a build writes (relative to the cwd)
+COMMITTED_DIR = ROOT / "models" / "testbed"  # the base in the repository, loaded by the extension configs and the demo
+MANIFEST = "manifest.json"
 KEY_FILE = "testbed_key.json"
 RUN_KEY_FILE = "testbed_run_key.json"
 
@@ -188,18 +194,81 @@ def build(overrides: list[str] = (), nproc: int = 2, force: bool = False, model_
     return model_dir
 
 
+# ----------------------------------------------------------------------------------------- the committed base
+
+
+def recipe(overrides: list[str] = (), tokenizer_dir: Path | None = None) -> dict:
+    """What a rebuild must reproduce exactly on any machine (the weights need not: float reductions differ across
+    CPUs and thread counts): base.yaml's content and the overrides, the tokenizer's sha256 (its training is
+    deterministic), the data behind each source, and the cache key made of them. Trains the tokenizer if needed
+    (into ``tokenizer_dir`` in place of ``model.tokenizer``: a check that must not touch the build's own)."""
+    from data.sources import source_fingerprint
+
+    cfg = load_base(overrides)
+    if tokenizer_dir is not None:
+        cfg.model = cfg.model.model_copy(update={"tokenizer": str(tokenizer_dir)})
+    tokenizer = ensure_tokenizer(cfg)
+    return {"config": yaml.safe_load((ROOT / BASE_CONFIG).read_text()), "overrides": list(overrides),
+            "tokenizer_sha256": file_sha256(tokenizer / "tokenizer.json"),
+            "data": [source_fingerprint(s) for s in cfg.data.sources],
+            "key": base_key(cfg, tokenizer, overrides)}
+
+
+def file_table(folder: Path) -> dict:
+    """{file name: {"sha256", "bytes"}} of every file in ``folder`` but the manifest."""
+    return {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}
+            for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+
+
+def recipe_differences(manifest: dict, rebuilt: dict) -> list[str]:
+    """The recipe items in which a rebuild differs from a manifest (empty: the same recipe)."""
+    return [k for k in ("config", "overrides", "tokenizer_sha256", "data", "key") if manifest.get(k) != rebuilt[k]]
+
+
+def install(model_dir: Path = MODEL_DIR, committed: Path = COMMITTED_DIR) -> Path:
+    """Copy a built base into ``committed`` with ``manifest.json``: the recipe (``recipe``), the build command and
+    its record (time, processes, machine), and the sha256 of every file. For a maintainer who changed the recipe."""
+    info = json.loads((model_dir / KEY_FILE).read_text())
+    rebuilt = recipe(info.get("overrides", []))
+    if rebuilt["key"] != info["key"]:
+        raise TestbedError(f"{model_dir} was built from another recipe than the current {BASE_CONFIG}, tokenizer "
+                           "and data; run `python -m launch.testbed` first")
+    with atomic_dir(committed) as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and f.name != KEY_FILE:
+                shutil.copy2(f, tmp / f.name)
+        sets = "".join(f" --set {o}" for o in rebuilt["overrides"])
+        write_json(tmp / MANIFEST, {
+            "build_command": f"python -m launch.testbed --nproc {info.get('processes', 2)}{sets}",
+            **rebuilt, "built": {"seconds": info.get("build_seconds"), "processes": info.get("processes"),
+                                 "machine": machine()},
+            "files": file_table(tmp)})
+    return committed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.testbed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the base config (part of the cache key), e.g. train.precision=fp32")
     ap.add_argument("--nproc", type=int, default=2, help="training processes (deepspeed --num_gpus; 1: plain python)")
     ap.add_argument("--force", action="store_true", help="rebuild the base even when its key matches")
+    ap.add_argument("--install", action="store_true",
+                    help="then copy it into models/testbed with its manifest (a new base to commit)")
     args = ap.parse_args(argv)
 
     def run(_) -> None:
         if args.nproc < 1:
             raise TestbedError(f"--nproc must be >= 1, got {args.nproc}")
-        build(args.set, args.nproc, args.force)
+        built = build(args.set, args.nproc, args.force)
+        committed = COMMITTED_DIR / MANIFEST
+        if args.install:
+            _log(f"installed {built} into {install(built)}")
+        elif committed.is_file():
+            diff = recipe_differences(json.loads(committed.read_text()), recipe(args.set))
+            _log(f"the committed base ({COMMITTED_DIR.relative_to(ROOT)}) has " +
+                 (f"another recipe ({', '.join(diff)} differ): `--install` replaces it" if diff else
+                  "the same recipe (config, tokenizer, data); its weights are not bit-identical to this build's "
+                  "unless built on the same CPU with the same processes"))
 
     return run_cli(run)
 

@@ -138,7 +138,10 @@ def test_tiny_model_loss_and_all_gradients_match_hf_loss(name):
     assert int(count) == n
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-4)
     for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m: f"{pname}: {m}")
+        # fp32 sums in another order (chunks, other CPU kernels): an element that is a sum of cancelling terms is
+        # off by a few ulps of the terms, not of itself, so the absolute tolerance follows the tensor's scale
+        atol = max(1e-6, 1e-5 * float(r.abs().max()))
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=atol, msg=lambda m: f"{pname}: {m}")
 
 
 def test_peft_lora_model_is_unwrapped_and_adapter_grads_match():

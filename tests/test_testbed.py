@@ -5,12 +5,14 @@ build (reused while nothing changed, rebuilt when something did) and the demo's 
 The heavy pretraining itself is not a test; the build test trains two steps.
 """
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eval.passkey as passkey
 from data import prompts
@@ -19,10 +21,11 @@ from data.config import DataConfig, DataError, SourceSpec
 from data.corpus import load_corpus
 from data.pack import build_packed
 from data.sources import read_source, source_fingerprint
+from data.prompts import prompt_text
 from data.synthetic import copy_sample, fingerprint, generate, passkey_document, passkey_sample
 from data.tokenizer_train import DIGITS, build_tokenizer, train_bpe
 from launch import testbed
-from launch.demo import eval_jobs
+from launch import demo
 from models.load import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,31 +148,68 @@ def test_extension_configs_match_their_names(name):
     method, factor = name.rsplit("_", 1)
     factor = int(factor[:-1])
     assert (cfg.rope.method, cfg.rope.factor) == (METHODS[method], factor)
-    assert cfg.model.name == str(testbed.MODEL_DIR) and cfg.lora.enabled
+    assert cfg.model.name == str(testbed.COMMITTED_DIR.relative_to(ROOT)) and cfg.lora.enabled
     assert cfg.data.seq_len == 256 * factor and cfg.output.dir == f"runs/testbed/{name}"
     assert cfg.eval.perplexity_lengths == cfg.eval.passkey_lengths == [256, 512, 1024, 2048]
 
 
-def test_demo_evaluates_base_training_free_and_fine_tuned():
+def test_demo_evaluates_nine_models_for_each_metric():
     cfg = load_run_config(TESTBED / "yarn_4x.yaml")
-    jobs = dict(eval_jobs(Path("runs/demo/yarn_4x"), 4.0, cfg.eval, Path("runs/demo/eval")))
-    assert sorted(jobs) == sorted(f"{k} {m}" for k in ("ppl", "passkey")
-                                  for m in ("base", "yarn x4", "yarn x4 fine-tuned"))
-    assert jobs["ppl yarn x4"][jobs["ppl yarn x4"].index("--rope") + 1:][:3] == ["yarn", "--factor", "4"]
+    methods = {name: load_run_config(TESTBED / f"{name}_4x.yaml").rope.method for name in demo.METHODS}
+    assert sorted(methods.values()) == ["linear", "ntk_aware", "ntk_by_parts", "yarn"]  # the mission's four
+    runs = {name: Path(f"runs/demo/{name}_4x") for name in demo.METHODS}
+    models = demo.demo_models(Path("models/testbed"), runs, methods)
+    jobs = dict(demo.eval_jobs(models, cfg.eval, Path("runs/demo/eval")))
+    names = ["base"] + [f"{m} x4" for m in methods.values()] + [f"{m} x4 fine-tuned" for m in methods.values()]
+    assert sorted(jobs) == sorted(f"{k} {m}" for k in ("ppl", "passkey") for m in names)
+    assert jobs["ppl linear x4"][jobs["ppl linear x4"].index("--rope") + 1:][:3] == ["linear", "--factor", "4"]
     assert "--rope" not in jobs["ppl base"] and "--rope" not in jobs["passkey yarn x4 fine-tuned"]
-    assert jobs["passkey yarn x4 fine-tuned"][jobs["passkey yarn x4 fine-tuned"].index("--model") + 1] == \
-        "runs/demo/yarn_4x"
+    assert jobs["passkey ntk_by_parts x4 fine-tuned"][jobs["passkey ntk_by_parts x4 fine-tuned"].index("--model")
+                                                     + 1] == "runs/demo/ntk_by_parts_4x"
     for cmd in jobs.values():
         assert cmd[cmd.index("--lengths") + 1] == "256,512,1024,2048"
+    full, small = jobs["passkey base"], dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["passkey base"]
+    assert full[full.index("--depths") + 1] == "0,0.25,0.5,0.75,1" and small[small.index("--depths") + 1] == "0,0.5,1"
+
+
+def test_demo_reading_names_every_method_with_its_figures():
+    header = ["run", "model", "method", "factor", "fine_tuned", "ppl_mode", "ppl@1024", "passkey@256", "passkey@512",
+              "passkey@1024"]
+    rows = [["none x1", "b", "none", 1, False, "sliding", 92.0, 0.9, 0.3, 0.0]]
+    for i, m in enumerate(["linear", "ntk_aware", "ntk_by_parts", "yarn"]):
+        rows.append([f"{m} x4", "b", m, 4, False, "sliding", 100.0 - i, 0.1 * i, 0.0, 0.0])
+        rows.append([f"{m} x4 (fine-tuned)", f"runs/demo/{m}", m, 4, True, "sliding", 80.0 - i, 1.0, 0.9, 0.8 - i / 10])
+    one, two = demo.reading(header, rows)
+    assert one.startswith("Perplexity at 1024 tokens (4x): fine-tuned yarn 77.0, ntk_by_parts 78.0")
+    assert "training-free yarn 97.0" in one and one.endswith("the unscaled base 92.0.")
+    assert two.startswith("Passkey at 1x-4x (256-1024 tokens), mean: fine-tuned linear 90%, ntk_aware 87%")
+    assert two.endswith("the base 40% (90% at 256).")
 
 
 # ---------------------------------------------------------------------------------------------- slow: the build
 
 
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory):
+    """The committed base's recipe computed afresh from the current tree, its tokenizer trained anew."""
+    manifest = json.loads((testbed.COMMITTED_DIR / testbed.MANIFEST).read_text())
+    folder = tmp_path_factory.mktemp("rebuilt") / "tok"
+    return manifest, testbed.recipe(manifest["overrides"], tokenizer_dir=folder), folder
+
+
 @pytest.mark.slow
-def test_testbed_tokenizer_fits_the_base_and_its_passkey_documents_fit_the_window(tmp_path):
+def test_a_rebuild_of_the_committed_base_has_its_recipe(rebuilt):
+    """What `make testbed` reproduces exactly (config, tokenizer, data; the key made of them), from the current tree
+    with the tokenizer trained afresh; the weights themselves differ across CPUs and are not compared."""
+    manifest, recipe, folder = rebuilt
+    assert testbed.recipe_differences(manifest, recipe) == []
+    assert (folder / "tokenizer.json").read_bytes() == (testbed.COMMITTED_DIR / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_testbed_tokenizer_fits_the_base_and_its_passkey_documents_fit_the_window(rebuilt, tmp_path):
     cfg = testbed.load_base()
-    a, b = build_tokenizer(tmp_path / "a", 4096), build_tokenizer(tmp_path / "b", 4096)
+    a, b = rebuilt[2], build_tokenizer(tmp_path / "b", 4096)
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     tok = AutoTokenizer.from_pretrained(a)
     arch = cfg.model.arch
@@ -177,11 +217,26 @@ def test_testbed_tokenizer_fits_the_base_and_its_passkey_documents_fit_the_windo
         arch["vocab_size"], arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
     spec = next(s for s in cfg.data.sources if s.name == "passkey")
     max_filler = spec.params["max_filler"]
-    longest = max(len(tok(passkey_document("99999", b, max_filler - b)).input_ids) for b in range(max_filler + 1))
-    assert longest + 1 <= cfg.data.seq_len  # + EOS: the whole sample, answer included, fits the native window
+    assert _longest_passkey_document(tok, max_filler) + 1 <= cfg.data.seq_len  # + EOS: answer included, it fits
     # and the evaluation at the native length asks about a key as far away as the training samples put it
     prompt = passkey.build_prompt(tok, cfg.data.seq_len, 0.0, "12345", 10)
     assert prompt.n_filler <= max_filler + 1
+
+
+def _longest_passkey_document(tok, max_filler: int) -> int:
+    return max(len(tok(passkey_document("99999", b, max_filler - b)).input_ids) for b in range(max_filler + 1))
+
+
+@pytest.mark.parametrize("name", [f"{m}_{f}x" for m in METHODS for f in (4, 8)])
+def test_extension_configs_pass_key_documents_reach_their_length_and_fit_it(name):
+    """Fine-tuning keeps retrieval by training it across the new window: the longest pass-key documents fill a row
+    (within one filler group), the shortest are the base's own."""
+    cfg = load_run_config(TESTBED / f"{name}.yaml")
+    tok = AutoTokenizer.from_pretrained(testbed.COMMITTED_DIR)
+    fillers = sorted(s.params["max_filler"] for s in cfg.data.sources if s.name == "passkey")
+    assert fillers[0] == next(s for s in testbed.load_base().data.sources if s.name == "passkey").params["max_filler"]
+    longest = _longest_passkey_document(tok, fillers[-1])
+    assert cfg.data.seq_len - 30 < longest + 1 <= cfg.data.seq_len  # a filler group is 29 or 30 tokens
 
 
 @pytest.mark.slow
@@ -206,3 +261,17 @@ def test_build_is_cached_by_key_and_rebuilt_when_the_config_changes(tmp_path):
     testbed.build(sets[:2] + ["train.max_steps=3"] + sets[3:], nproc=1, model_dir=out)
     assert yaml.safe_load((out / testbed.KEY_FILE).read_text())["key"] != key
     assert weights.stat().st_mtime_ns != first
+
+
+def test_the_committed_base_matches_its_manifest_and_loads_in_plain_transformers():
+    folder = testbed.COMMITTED_DIR
+    manifest = json.loads((folder / testbed.MANIFEST).read_text())
+    assert testbed.file_table(folder) == manifest["files"]  # every file, byte for byte, and nothing else
+    assert sum(f["bytes"] for f in manifest["files"].values()) <= 25 * 2**20
+    assert "model.safetensors" in manifest["files"] and not list(folder.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers: no project code, no remote code
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert model.config.max_position_embeddings == 256 and len(tok) == model.config.vocab_size == 4096
+    ids = tok(prompt_text("12345", 2, 2), return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

@@ -7,8 +7,10 @@ Errors that stop a run are ``TrainError`` (one ``error:`` line, exit 2, printed 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import os
+import platform
 import resource
 import signal
 from pathlib import Path
@@ -89,6 +91,26 @@ def cpu_bf16_units() -> list[str]:
     if cap not in ("", "ALL", "DEFAULT") and "AMX" not in cap:
         units &= ISA_BF16_UNITS.get(cap, set())
     return sorted(units)
+
+
+def machine() -> dict:
+    """What a figure was measured on: CPU model, cores, GPU, library versions, date, load average."""
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "bf16_units": cpu_bf16_units(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
 
 
 def choose_precision(requested: str, dev: torch.device) -> tuple[str, str]:
