@@ -102,21 +102,29 @@ def check_base(folder: Path = COMMITTED_DIR) -> Path:
     return folder
 
 
+def model_out(out: Path, index: int, name: str) -> Path:
+    """The result folder of the ``index``-th model: its own, so that the comparison lists the models in order."""
+    return out / f"{index:02d}-{name.replace(' ', '-')}"
+
+
 def eval_jobs(models: list[tuple[str, list[str]]], e: EvalSection, out: Path, dtype: str = "float32",
               plan: str = "full") -> list[tuple[str, list[str]]]:
     """(name, command) of every evaluation: perplexity and passkey for each (name, model arguments)."""
     py = sys.executable
-    common = ["--out", str(out), "--threads", "1", "--dtype", dtype]
     depths = SMALL["passkey_depths"] if plan == "small" else e.passkey_depths
     trials = SMALL["passkey_trials"] if plan == "small" else e.passkey_trials
-    ppl = [(f"ppl {name}", [py, "-m", "eval.perplexity", *m, *common,
+
+    def common(i: int, name: str) -> list[str]:
+        return ["--out", str(model_out(out, i, name)), "--threads", "1", "--dtype", dtype]
+
+    ppl = [(f"ppl {name}", [py, "-m", "eval.perplexity", *m, *common(i, name),
                             "--lengths", ",".join(map(str, e.perplexity_lengths)), "--mode", e.perplexity_mode]
-           + (["--stride", str(e.stride)] if e.stride else []))
-           for name, m in models]
-    passkey = [(f"passkey {name}", [py, "-m", "eval.passkey", *m, *common,
+            + (["--stride", str(e.stride)] if e.stride else []))
+           for i, (name, m) in enumerate(models)]
+    passkey = [(f"passkey {name}", [py, "-m", "eval.passkey", *m, *common(i, name),
                                     "--lengths", ",".join(map(str, e.passkey_lengths)),
                                     "--depths", ",".join(f"{d:g}" for d in depths), "--trials", str(trials)])
-               for name, m in models]
+               for i, (name, m) in enumerate(models)]
     return ppl + passkey  # the long ones first, so that the workers finish together
 
 
@@ -185,13 +193,14 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
     if out.exists():
         shutil.rmtree(out)
     methods = {name: cfg.rope.method for name, cfg in configs.items()}
-    jobs = eval_jobs(demo_models(base, runs, methods), e, out, dtype, plan)
+    models = demo_models(base, runs, methods)
+    jobs = eval_jobs(models, e, out, dtype, plan)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for future in [pool.submit(run_logged, name, cmd) for name, cmd in jobs]:
             future.result()
     _say("step 4/4: comparison")
     where = DEMO_DIR / "compare"
-    result = compare.main([str(out), "--out", str(where)])
+    result = compare.main([str(model_out(out, i, name)) for i, (name, _) in enumerate(models)] + ["--out", str(where)])
     print()
     print((where / "compare.md").read_text())
     for line in reading(result["columns"], result["rows"]):
