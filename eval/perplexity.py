@@ -147,17 +147,23 @@ def position_buckets(nll: torch.Tensor, n_buckets: int) -> list[dict]:
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], lengths: list[int], mode: str = "sliding",
                         stride: int | None = None, batch_size: int = 1, chunk_size: int = 1024,
-                        n_buckets: int = 16) -> dict:
+                        n_buckets: int = 16, max_tokens: int | None = None) -> dict:
     """Perplexity of ``model`` on ``texts`` at each length (``mode``: see module). ``stride`` defaults to half the
-    length (sliding only). Returns ``ppl`` {length: value}, per-length ``results`` and the position ``buckets``."""
+    length (sliding only); ``max_tokens`` keeps the stream's first tokens only (sliding only: a quicker estimate on
+    a prefix of the data). Returns ``ppl`` {length: value}, per-length ``results`` and the position ``buckets``."""
     if mode not in MODES:
         raise EvalError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     if mode == "truncate" and stride is not None:
         raise EvalError("--stride applies to --mode sliding only; truncate scores one window per document")
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_tokens is not None and (mode != "sliding" or max_tokens < max(lengths)):
+        raise EvalError(f"--max-tokens applies to --mode sliding only and must be at least the longest length "
+                        f"({max(lengths)}), got {max_tokens} with --mode {mode}")
     docs = tokenize_documents(tokenizer, texts)
     stream = torch.tensor(token_stream(docs, tokenizer.eos_token_id)) if mode == "sliding" else None
+    if stream is not None and max_tokens is not None:
+        stream = stream[:max_tokens]
     lengths = sorted(set(lengths))  # ascending: transformers' dynamic RoPE keeps the largest table it has seen
     results, first_nll = [], None
     for length in lengths:
@@ -259,8 +265,8 @@ def perplexity_markdown(result: dict) -> str:
     lines = [
         f"# Perplexity: {m['label']}",
         "",
-        f"Model `{m['model']}`, method {m['method']} x{m['factor']:g}, dtype {m['dtype']}; data: {s['data']}; "
-        f"mode **{s['mode']}**.",
+        f"Model `{m['model']}`, method {m['method']} x{m['factor']:g}, dtype {m['dtype']}; data: {s['data']}"
+        + (f" (its first {s['max_tokens']:,} tokens)" if s.get("max_tokens") else "") + f"; mode **{s['mode']}**.",
         "",
         "| length | stride | ppl | scored tokens | windows | seconds | tokens/s |",
         "|---|---|---|---|---|---|---|",
@@ -319,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=1, help="windows per forward")
     ap.add_argument("--chunk-size", type=int, default=1024, help="positions per LM-head chunk")
     ap.add_argument("--buckets", type=int, default=16, help="position buckets over the longest window")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="sliding: score only the first N tokens of the stream (a quicker estimate; default: all)")
     args = ap.parse_args(argv)
     lengths = parse_int_list(args.lengths, "--lengths")
     if min(lengths) < 2:
@@ -329,11 +337,11 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"perplexity: {em.info['label']} ({em.info['model']}), {desc}, mode {args.mode}")
         with torch.inference_mode():
             raw = evaluate_perplexity(em.model, em.tokenizer, texts, lengths, args.mode, args.stride,
-                                      args.batch_size, args.chunk_size, args.buckets)
+                                      args.batch_size, args.chunk_size, args.buckets, args.max_tokens)
         result = dict(
             kind="perplexity", model=em.info,
             settings=dict(data=desc, mode=args.mode, stride=args.stride, lengths=sorted(set(lengths)),
-                          batch_size=args.batch_size, chunk_size=args.chunk_size),
+                          batch_size=args.batch_size, chunk_size=args.chunk_size, max_tokens=args.max_tokens),
             definition=DEFINITIONS[args.mode], **raw,
             seconds=round(sum(r["seconds"] for r in raw["results"]), 3),
         )

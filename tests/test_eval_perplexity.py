@@ -87,6 +87,16 @@ def test_truncate_equals_plain_implementation(model64, texts):
     assert by_len[512]["tokens"] == 511
 
 
+def test_max_tokens_scores_a_prefix_of_the_stream(model64, texts):
+    stream = list(texts[0].encode()) + [EOS] + list(texts[1].encode())
+    out = evaluate_perplexity(model64, tiny_tokenizer(), texts, [256], stride=100, max_tokens=600)
+    assert out["results"][0]["tokens"] == 599
+    assert abs(out["ppl"]["256"] - _reference_sliding(model64, stream[:600], 256, 100)) < 1e-6
+    for bad, mode in ((255, "sliding"), (600, "truncate")):
+        with pytest.raises(EvalError, match="--max-tokens applies to --mode sliding only"):
+            evaluate_perplexity(model64, tiny_tokenizer(), texts, [256], mode=mode, max_tokens=bad)
+
+
 def test_batching_does_not_change_the_numbers(model64, texts):
     one = evaluate_perplexity(model64, tiny_tokenizer(), texts, [256], stride=64, batch_size=1)
     three = evaluate_perplexity(model64, tiny_tokenizer(), texts, [256], stride=64, batch_size=3)

@@ -170,6 +170,8 @@ def test_demo_evaluates_nine_models_for_each_metric():
         assert cmd[cmd.index("--lengths") + 1] == "256,512,1024,2048"
     full, small = jobs["passkey base"], dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["passkey base"]
     assert full[full.index("--depths") + 1] == "0,0.25,0.5,0.75,1" and small[small.index("--depths") + 1] == "0,0.5,1"
+    ppl_small = dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["ppl base"]
+    assert "--max-tokens" not in jobs["ppl base"] and ppl_small[ppl_small.index("--max-tokens") + 1] == "32768"
 
 
 def test_demo_reading_names_every_method_with_its_figures():
