@@ -257,6 +257,17 @@ def test_build_is_cached_by_key_and_rebuilt_when_the_config_changes(tmp_path):
     assert len(load_tokenizer(str(out))) == 4096
     key = yaml.safe_load((out / testbed.KEY_FILE).read_text())["key"]
 
+    committed = testbed.install(out, tmp_path / "committed")  # what `--install` commits: the files and a manifest
+    manifest = json.loads((committed / testbed.MANIFEST).read_text())
+    assert manifest["key"] == key and manifest["overrides"] == sets and "--nproc 1" in manifest["build_command"]
+    assert testbed.file_table(committed) == manifest["files"] and testbed.KEY_FILE not in manifest["files"]
+    assert demo.check_base(committed) == committed
+    (committed / "config.json").write_text((committed / "config.json").read_text().replace("256", "512"))
+    with pytest.raises(testbed.TestbedError, match="does not match its manifest.json"):
+        demo.check_base(committed)  # a changed file: the demo refuses the base
+    with pytest.raises(testbed.TestbedError, match="has no manifest.json"):
+        demo.check_base(out)  # a build that was not installed
+
     testbed.build(sets, nproc=1, model_dir=out)  # same key: nothing trained
     assert weights.stat().st_mtime_ns == first
 
