@@ -84,6 +84,11 @@ def eval_dtype() -> str:
     return "bfloat16" if choose_precision("auto", torch.device("cpu"))[0] == "bf16" else "float32"
 
 
+def config_path(name: str) -> Path:
+    """The extension config of method ``name`` at the demo's factor."""
+    return ROOT / "configs" / "testbed" / f"{name}_{FACTOR}x.yaml"
+
+
 def choose_plan(plan: str) -> tuple[str, str]:
     """(plan, why): ``auto`` is ``full`` with bf16 units, ``small`` without (fp32 is about 3x slower there)."""
     if plan != "auto":
@@ -153,24 +158,27 @@ def reading(header: list[str], rows: list[list]) -> list[str]:
     def pk_mean(row) -> float:
         return sum(row[col[c]] or 0.0 for c in pk) / len(pk)
 
+    def ranked(rows: list[list], value, fmt: str, best_high: bool = False) -> str:
+        return ", ".join(f"{who(r)} {value(r):{fmt}}" for r in sorted(rows, key=value, reverse=best_high))
+
     tf = [r for r in rows if not r[col["fine_tuned"]] and r[col["method"]] != "none"]
     ft = [r for r in rows if r[col["fine_tuned"]]]
     base = [r for r in rows if r[col["method"]] == "none"]
-    ppl = f"ppl@{target}"
-    line1 = (f"Perplexity at {target} tokens (4x): fine-tuned " + ", ".join(
-        f"{who(r)} {r[col[ppl]]:.1f}" for r in sorted(ft, key=lambda r: r[col[ppl]])) + "; training-free " + ", ".join(
-        f"{who(r)} {r[col[ppl]]:.1f}" for r in sorted(tf, key=lambda r: r[col[ppl]]))
-        + (f"; the unscaled base {base[0][col[ppl]]:.1f}." if base else "."))
-    line2 = (f"Passkey at 1x-4x ({native}-{target} tokens), mean: fine-tuned " + ", ".join(
-        f"{who(r)} {pk_mean(r):.0%}" for r in sorted(ft, key=pk_mean, reverse=True)) + "; training-free " + ", ".join(
-        f"{who(r)} {pk_mean(r):.0%}" for r in sorted(tf, key=pk_mean, reverse=True))
-        + (f"; the base {pk_mean(base[0]):.0%} ({base[0][col[pk[0]]]:.0%} at {native})." if base else "."))
+
+    def ppl(row) -> float:
+        return row[col[f"ppl@{target}"]]
+
+    line1 = (f"Perplexity at {target} tokens (4x): fine-tuned {ranked(ft, ppl, '.1f')}; training-free "
+             f"{ranked(tf, ppl, '.1f')}" + (f"; the unscaled base {ppl(base[0]):.1f}." if base else "."))
+    line2 = (f"Passkey at 1x-4x ({native}-{target} tokens), mean: fine-tuned {ranked(ft, pk_mean, '.0%', True)}; "
+             f"training-free {ranked(tf, pk_mean, '.0%', True)}"
+             + (f"; the base {pk_mean(base[0]):.0%} ({base[0][col[pk[0]]]:.0%} at {native})." if base else "."))
     return [line1, line2]
 
 
 def demo(parallel: int = 2, plan: str = "auto") -> Path:
     plan, why = choose_plan(plan)
-    configs = {name: load_run_config(ROOT / "configs" / "testbed" / f"{name}_{FACTOR}x.yaml") for name in METHODS}
+    configs = {name: load_run_config(config_path(name)) for name in METHODS}
     e = configs["yarn"].eval
     if e is None or not e.perplexity_lengths or not e.passkey_lengths:
         raise TestbedError(f"configs/testbed/yarn_{FACTOR}x.yaml needs an eval: section with perplexity_lengths and "
@@ -187,7 +195,7 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
             shutil.rmtree(run)
         # eval=null: the evaluations run below, several processes at a time, rather than in rank 0 of the job
         run_logged(f"train {name}", deepspeed_launcher(2) + [
-            "train.py", "--config", str(ROOT / "configs" / "testbed" / f"{name}_{FACTOR}x.yaml"),
+            "train.py", "--config", str(config_path(name)),
             "--set", f"output.dir={run}", "--set", "eval=null"])
         runs[name] = run
     dtype = eval_dtype()

@@ -116,18 +116,23 @@ def ensure_tokenizer(cfg: RunConfig) -> Path:
 # ----------------------------------------------------------------------------------------------------- the base
 
 
-def base_key(cfg: RunConfig, tokenizer: Path, overrides: list[str] = ()) -> str:
+def recipe_parts(cfg: RunConfig, tokenizer: Path, overrides: list[str] = ()) -> dict:
     """What the base model is a function of: base.yaml as written (its YAML content, not formatting or comments) and
-    the overrides, the tokenizer, the data's content. Schema defaults are left out on purpose: a config key added
-    elsewhere in the project does not invalidate the base."""
+    the overrides, the tokenizer's sha256, the data's content. Schema defaults are left out on purpose: a config key
+    added elsewhere in the project does not invalidate the base."""
     from data.sources import source_fingerprint
 
-    return json_digest({
+    return {
         "config": yaml.safe_load((ROOT / BASE_CONFIG).read_text()),
         "overrides": list(overrides),
         "tokenizer": file_sha256(tokenizer / "tokenizer.json"),
         "data": [source_fingerprint(s) for s in cfg.data.sources],
-    })
+    }
+
+
+def base_key(cfg: RunConfig, tokenizer: Path, overrides: list[str] = ()) -> str:
+    """The cache key of the base: a digest of ``recipe_parts``."""
+    return json_digest(recipe_parts(cfg, tokenizer, overrides))
 
 
 def deepspeed_launcher(nproc: int) -> list[str]:
@@ -202,16 +207,12 @@ def recipe(overrides: list[str] = (), tokenizer_dir: Path | None = None) -> dict
     CPUs and thread counts): base.yaml's content and the overrides, the tokenizer's sha256 (its training is
     deterministic), the data behind each source, and the cache key made of them. Trains the tokenizer if needed
     (into ``tokenizer_dir`` in place of ``model.tokenizer``: a check that must not touch the build's own)."""
-    from data.sources import source_fingerprint
-
     cfg = load_base(overrides)
     if tokenizer_dir is not None:
         cfg.model = cfg.model.model_copy(update={"tokenizer": str(tokenizer_dir)})
-    tokenizer = ensure_tokenizer(cfg)
-    return {"config": yaml.safe_load((ROOT / BASE_CONFIG).read_text()), "overrides": list(overrides),
-            "tokenizer_sha256": file_sha256(tokenizer / "tokenizer.json"),
-            "data": [source_fingerprint(s) for s in cfg.data.sources],
-            "key": base_key(cfg, tokenizer, overrides)}
+    parts = recipe_parts(cfg, ensure_tokenizer(cfg), overrides)
+    return {"config": parts["config"], "overrides": parts["overrides"], "tokenizer_sha256": parts["tokenizer"],
+            "data": parts["data"], "key": json_digest(parts)}
 
 
 def file_table(folder: Path) -> dict:
