@@ -41,6 +41,7 @@ from training.engine import optimizer_step, tokens_per_step, total_steps, traina
 from training.evaluate import evaluate_run
 from training.memory import dry_run
 from training.metrics import MetricsLog
+from training.parallel import data_parallel, shard_rows
 from training.preflight import preflight
 from training.runtime import (
     Preempted,
@@ -85,16 +86,20 @@ class Recipe:
                 raise TrainError(f"output.dir {self.run} changed while this launch started; run it again")
 
         self.rank, self.world = init_distributed(self.device)
+        self.sp = cfg.train.sequence_parallel_size  # ranks sharing one row (training/parallel.py)
+        self.dp_rank, self.dp = data_parallel(self.rank, self.world, self.sp)
         self.stop = StopSignal()
-        log(f"{self.world} process(es) on {self.device.type}; precision {precision} ({why}); attention {attn}; "
-            f"{torch.get_num_threads()} thread(s) per process")
+        log(f"{self.world} process(es) on {self.device.type}"
+            + (f" ({self.dp} data-parallel x {self.sp} sequence-parallel)" if self.sp > 1 else "")
+            + f"; precision {precision} ({why}); attention {attn}; {torch.get_num_threads()} thread(s) per process")
         self.total = total_steps(cfg, self.world)
         self.module, self.engine = trainable_engine(cfg, self.model_config, precision, attn, ds, self.total)
         n_train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         log(f"model {cfg.model.name} ({cfg.model.init}); rope {cfg.rope.method} x{cfg.rope.factor}; "
             f"{n_train:,} trainable parameters")
-        self.loader = PackedLoader(self.packed_data(), batch_size=cfg.train.micro_batch_size, rank=self.rank,
-                                   world_size=self.world, seed=cfg.train.seed)
+        # the ranks of a sequence-parallel group read the same rows: the loader shards over data-parallel ranks
+        self.loader = PackedLoader(self.packed_data(), batch_size=cfg.train.micro_batch_size, rank=self.dp_rank,
+                                   world_size=self.dp, seed=cfg.train.seed)
         if self.rank == 0:  # the run folder is written once the data is packed: a bad document leaves no trace
             write_run_config(cfg, self.run)
         if resume_from is not None:
@@ -121,6 +126,8 @@ class Recipe:
         """Optimizer steps until the total; each step: grad_accum micro-batches through the engine (forward with the
         chunked loss, NaN guard, backward), then its record, a checkpoint when due, and a stop on SIGTERM."""
         cfg, batches = self.cfg, iter(self.loader)
+        if self.sp > 1:  # each rank of a group keeps its positions of the group's rows
+            batches = (shard_rows(b, self.rank % self.sp, self.sp) for b in batches)
         self.engine.train()
         while self.state["step"] < self.total:
             t0 = time.perf_counter()
@@ -158,10 +165,11 @@ class Recipe:
         return f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
 
     def step_record(self, loss_sum: torch.Tensor, lr: float, grad_norm: float | None, seconds: float) -> dict:
-        """One line of metrics.jsonl: the mean loss over all ranks and micro-batches, and the step's cost."""
+        """One line of metrics.jsonl: the mean loss over all ranks and micro-batches, and the step's cost. (Under
+        sequence parallelism a group's ranks hold shares of its rows' mean that add up to it.)"""
         return {
             "step": self.state["step"],
-            "loss": loss_sum.item() / (self.world * self.cfg.train.grad_accum),
+            "loss": loss_sum.item() / (self.dp * self.cfg.train.grad_accum),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_step(self.cfg, self.world) / seconds,

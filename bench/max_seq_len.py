@@ -4,6 +4,15 @@
     python bench/max_seq_len.py --max-len 16384                  # one more probe of ours (about 3 minutes more)
     python bench/max_seq_len.py --cap-gib 20 --max-len 32768     # the issue's example cap (much longer)
     python bench/max_seq_len.py --precision fp32                 # both at fp32 (default: each its own default)
+    python bench/max_seq_len.py --cap-gib 20 --lengths 16384,32768,65536 --only ours,ours-sp-tiled
+                                                                 # long rows: sequence parallelism, tiled MLP
+
+``--only`` probes the named variants of ours (bench/train_paths.py: ``ours``, ``ours-tiled``, ``ours-sp``,
+``ours-sp-tiled``, ...) instead of the ours-against-Trainer pair, each upward from ``--min-len`` until its first
+failure, so that no length is skipped unless a shorter one did not fit. ``--lengths`` replaces the powers of two
+and midpoints with the given probe lengths (a sequence-parallel variant trains each cut to a multiple of its size). A multi-process variant's peak is the sum
+of its processes' peaks (each process's own high-water mark; they need not peak at the same moment, so the sum is
+an upper bound of what the machine held at once).
 
 A probe (path, seq_len) is one process (bench/train_paths.py) that loads the model, runs a warm-up step at 256 tokens
 (so that the optimizer's states exist, as in any step after the first) and then one optimizer step (forward,
@@ -33,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import emit_record  # noqa: E402
 from training.runtime import machine  # noqa: E402
 from utils.cli import exit_process  # noqa: E402
-from bench.train_paths import MODELS, VARIANTS, launch  # noqa: E402
+from bench.train_paths import MODELS, VARIANTS, check_choice, launch, parse_lengths  # noqa: E402
 
 PAIRS = {  # --precision: (ours, baseline)
     "default": ("ours", "trainer"),
@@ -111,6 +120,9 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=12288, help="longest probe length")
     ap.add_argument("--precision", default="default", choices=list(PAIRS),
                     help="default: ours at its default (auto) against the Trainer's (fp32); fp32 / bf16: both at it")
+    ap.add_argument("--lengths", default=None, help="probe exactly these lengths (comma-separated, ascending)")
+    ap.add_argument("--only", default=None, metavar="VARIANTS",
+                    help="probe these variants of ours (comma-separated), upward, instead of the ours/Trainer pair")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=None, help="also write the final JSON to this file")
     args = ap.parse_args()
@@ -121,13 +133,27 @@ def main() -> None:
     if args.cap_gib <= 0 or args.threads < 1:
         raise SystemExit("error: --cap-gib must be > 0 and --threads >= 1")
     ours, base = PAIRS[args.precision]
-    lengths, cap = probe_lengths(args.min_len, args.max_len), args.cap_gib * 1024
+    only = check_choice(args.only, [v for v, spec in VARIANTS.items() if spec.kind == "ours"], "--only") \
+        if args.only is not None else None
+    lengths = probe_lengths(args.min_len, args.max_len) if args.lengths is None else parse_lengths(args.lengths)
+    if lengths != sorted(set(lengths)):
+        raise SystemExit(f"error: --lengths must be ascending without repeats, got {args.lengths}")
+    cap = args.cap_gib * 1024
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores), torch {info['torch']}, {info['date']}, load average "
           f"{info['load_average']}, {args.threads} threads; {args.model}, cap {args.cap_gib:g} GiB, probes "
           f"{', '.join(map(str, lengths))}", flush=True)
 
     probes: list[dict] = []
+    if only is not None:
+        longest = {v: search(v, args.model, lengths, 0, cap, args.threads, probes) for v in only}
+        print(f"\nlongest seq_len under {args.cap_gib:g} GiB, {args.model}, one LoRA step:")
+        for v, n in longest.items():
+            print(f"  {VARIANTS[v].label:38s} {describe(n, lengths)}")
+        emit_record({"bench": "max_seq_len", "machine": info, "model": args.model, "cap_gib": args.cap_gib,
+                     "threads": args.threads, "probe_lengths": lengths, "probes": probes, "longest": longest,
+                     "load_average_end": round(os.getloadavg()[0], 2)}, args.out)
+        return
     longest_base = search(base, args.model, lengths, 0, cap, args.threads, probes)
     longest_ours = search(ours, args.model, lengths, len(lengths) - 1, cap, args.threads, probes)
 

@@ -46,6 +46,7 @@ from models.load import load_tokenizer  # noqa: E402
 from ropescale.apply import head_dim_of  # noqa: E402
 from training.engine import ds_config, optimizer_step, trainable_engine  # noqa: E402
 from training.model import extra_param_names, lora_config, model_config  # noqa: E402
+from training.parallel import data_parallel, shard_rows  # noqa: E402
 from training.runtime import attn_implementation, choose_precision, device, init_distributed, shutdown  # noqa: E402
 from utils.cli import exit_process, free_port  # noqa: E402
 
@@ -55,6 +56,7 @@ class Variant(NamedTuple):
     precision: str  # "auto" (our default), "fp32" or "bf16"
     procs: int
     label: str
+    sets: tuple[str, ...] = ()  # run-config overrides of this variant
 
 
 VARIANTS = {
@@ -62,6 +64,11 @@ VARIANTS = {
     "ours": Variant("ours", "auto", 1, "ours default"),
     "ours-bf16": Variant("ours", "bf16", 1, "ours bf16"),
     "ours-zero2x2": Variant("ours", "auto", 2, "ours default, ZeRO-2 x2 procs"),
+    # one row split over the fewest processes the model's heads split over (procs 0: ``sp_size``; SmolLM2-135M's
+    # 9 heads and 3 key/value heads: 3, tiny-llama: 2), DeepSpeed Ulysses (training/parallel.py); tiled MLPs
+    "ours-tiled": Variant("ours", "auto", 1, "ours default, tiled MLP", ("train.tiled_mlp=true",)),
+    "ours-sp": Variant("ours", "auto", 0, "ours default, seq. parallel"),
+    "ours-sp-tiled": Variant("ours", "auto", 0, "ours default, seq. par. + tiled MLP", ("train.tiled_mlp=true",)),
     "trainer": Variant("trainer", "fp32", 1, "Trainer default (fp32)"),
     "trainer-bf16": Variant("trainer", "bf16", 1, "Trainer bf16=True"),
 }
@@ -92,9 +99,9 @@ _COMMON_OVERRIDES = ("train.micro_batch_size=1", "train.grad_accum=1", "train.gr
                      "data.mode=concat", "data.block_cross_doc=false", "wandb.enabled=false", "eval=null")
 
 
-def run_config(model: str):
-    """The RunConfig the bench trains ``model`` with (data.seq_len is left as configured: it only has to reach the
-    model's original context, and the rows' lengths come from the bench)."""
+def run_config(model: str, sets: tuple[str, ...] = ()):
+    """The RunConfig the bench trains ``model`` with, plus a variant's ``sets`` (data.seq_len is left as configured:
+    it only has to reach the model's original context, and the rows' lengths come from the bench)."""
     import yaml
 
     from configs.schema import load_run_config
@@ -104,7 +111,23 @@ def run_config(model: str):
     if model == "testbed":
         section = yaml.safe_load((ROOT / "configs/testbed/base.yaml").read_text())["model"]
         overrides.insert(0, "model=" + json.dumps({k: section[k] for k in ("name", "init", "arch")}))
-    return load_run_config(ROOT / spec.config, [*overrides, *_COMMON_OVERRIDES])
+    return load_run_config(ROOT / spec.config, [*overrides, *_COMMON_OVERRIDES, *sets])
+
+
+def sp_size(model: str) -> int:
+    """The smallest sequence-parallel size above 1 that ``model``'s heads split over (training/parallel.py)."""
+    text = model_config(run_config(model)).get_text_config()
+    heads, kv = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
+    return next(p for p in range(2, heads + 1) if heads % p == 0 and (kv % p == 0 or p % kv == 0))
+
+
+def variant_setup(variant: str, model: str) -> tuple[int, tuple[str, ...]]:
+    """(processes, run-config overrides) of ``variant`` on ``model``."""
+    v = VARIANTS[variant]
+    if v.procs:
+        return v.procs, v.sets
+    size = sp_size(model)
+    return size, (*v.sets, f"train.sequence_parallel_size={size}")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -145,7 +168,8 @@ def launch(variant: str, model: str, lengths: list[int], warmup_len: int, thread
            cap_mib: float | None = None):
     """Run ``variant`` in its own process(es); returns (combined result or None, the children)."""
     v = VARIANTS[variant]
-    per_proc = max(1, threads // v.procs)
+    procs, _ = variant_setup(variant, model)
+    per_proc = max(1, threads // procs)
     base_env = {k: x for k, x in os.environ.items()
                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     # OMP_NUM_THREADS per process: oversubscribed threads cost 30x on a few cores (docs/notes.md); with it set,
@@ -153,11 +177,11 @@ def launch(variant: str, model: str, lengths: list[int], warmup_len: int, thread
     base_env["OMP_NUM_THREADS"] = str(per_proc)
     port = str(free_port())
     cmds, envs = [], []
-    for rank in range(v.procs):
+    for rank in range(procs):
         env = dict(base_env)
-        if v.procs > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(v.procs), LOCAL_RANK=str(rank),
-                       LOCAL_WORLD_SIZE=str(v.procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        if procs > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(procs), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         cmds.append([sys.executable, __file__, "--variant", variant, "--model", model,
                      "--lengths", ",".join(map(str, lengths)), "--warmup-len", str(warmup_len),
                      "--threads", str(per_proc)])
@@ -255,6 +279,9 @@ def ours_steps(cfg, precision: str, batches: list[dict], dev: torch.device) -> d
 def _run_ours(cfg, precision: str, rows: list[torch.Tensor], dev: torch.device) -> dict:
     """``ours_steps`` on ``rows`` in order: one row per step, positions 0..L-1, labels = inputs."""
     batches = [{"input_ids": r[None], "labels": r[None], "position_ids": torch.arange(len(r))[None]} for r in rows]
+    sp = cfg.train.sequence_parallel_size
+    if sp > 1:  # this rank's positions of each row (sequence parallelism)
+        batches = [shard_rows(b, int(os.environ.get("RANK", "0")) % sp, sp) for b in batches]
     return ours_steps(cfg, precision, batches, dev)
 
 
@@ -307,17 +334,23 @@ def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], dev: torch.devic
 def worker(variant: str, model: str, lengths: list[int], warmup_len: int, threads: int) -> dict:
     """Run ``variant`` on a warm-up row of ``warmup_len`` tokens, then on one row per length, in that order."""
     torch.set_num_threads(threads)
-    v, cfg, dev = VARIANTS[variant], run_config(model), device()
+    v = VARIANTS[variant]
+    cfg, dev = run_config(model, variant_setup(variant, model)[1]), device()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    sp = cfg.train.sequence_parallel_size
     longest = max([warmup_len, *lengths])
-    # Each rank trains its own row (data parallel): rank r reads its rows from the r-th stretch of the corpus.
-    ids = corpus_tokens(tokenizer, world * longest)[rank * longest:]
-    rows = [ids[:n] for n in [warmup_len, *lengths]]
+    # Each data-parallel rank trains its own row: data-parallel rank d reads its rows from the d-th stretch of the
+    # corpus (the ranks of a sequence-parallel group share one, each training its part of the positions).
+    dp_rank, dp = data_parallel(rank, world, sp)
+    ids = corpus_tokens(tokenizer, dp * longest)[dp_rank * longest:]
+    # a row splits into equal parts: under sequence parallelism each length is cut to a multiple of the group size
+    trained = [n - n % sp for n in [warmup_len, *lengths]]
+    rows = [ids[:n] for n in trained]
     run = _run_ours if v.kind == "ours" else _run_trainer
     result = run(cfg, v.precision, rows, dev)
-    for step, n in zip(result["steps"], [warmup_len, *lengths]):
-        step.update(seq_len=n, tokens=n)
+    for step, n in zip(result["steps"], trained):
+        step.update(seq_len=n, tokens=n // sp)  # a row counted once over its group's ranks
     return {"variant": variant, "label": v.label, "model": model, "threads": threads, "device": str(dev),
             **result}
 

@@ -83,10 +83,12 @@ def rows_of(result: dict, model: str, rates: dict, mem_key: str) -> list[dict]:
         per_token = flops_per_token(result, s["seq_len"])
         rows.append({
             "model": model, "variant": result["variant"], "label": v.label, "precision": result["precision"],
-            "procs": v.procs, "threads_per_proc": result["threads"], "seq_len": s["seq_len"], "tokens": s["tokens"],
+            "procs": result["world"], "threads_per_proc": result["threads"], "seq_len": s["seq_len"],
+            "tokens": s["tokens"],
             "seconds": round(s["seconds"], 3), "tokens_per_s": round(s["tokens"] / s["seconds"], 2),
             "peak_rss_gib": round(s["peak_rss_mib"] / 1024, 3),
-            "peak_rss_gib_per_proc": [round(x / 1024, 3) for x in s["peak_rss_mib_per_proc"]] if v.procs > 1 else None,
+            "peak_rss_gib_per_proc": ([round(x / 1024, 3) for x in s["peak_rss_mib_per_proc"]]
+                                      if result["world"] > 1 else None),
             "peak_dev_gib": None if s["peak_dev_mib"] is None else round(s["peak_dev_mib"] / 1024, 3),
             "start_rss_gib": round(s["start_rss_mib"] / 1024, 3),
             "load_peak_rss_gib": round(result["load_peak_rss_mib"] / 1024, 3),

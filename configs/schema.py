@@ -118,6 +118,15 @@ class TrainSection(StrictModel):
     loss_chunk_size: int = Field(default=256, ge=1, le=MAX_TOKENS)
     """Positions per chunk of the lm_head + cross-entropy; the full [seq_len, vocab] logits never exist. A chunk's
     fp32 logits, their softmax and gradient cost ~3 x chunk x vocab x 4 B; 256 keeps that under 150 MB at 49k vocab."""
+    sequence_parallel_size: int = Field(default=1, ge=1, le=4096)
+    """Ranks that share one row (DeepSpeed Ulysses, docs/launch.md): each holds seq_len / size positions of it and
+    attention trades sequence shards for head shards; the launch's process count must be a multiple of it (data
+    parallelism runs over the rest). The model's attention heads must divide by it, and its key/value heads divide
+    it or divide by it. 1: off."""
+    tiled_mlp: bool = False
+    """Run each MLP over tiles of the sequence (DeepSpeed's TiledMLP, ceil(positions / hidden_size) tiles): the
+    [positions, intermediate_size] activations exist for one tile at a time, at the price of a second MLP forward
+    in the backward."""
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for weights (scratch/LoRA init), dropout and data order."""
     save_every: int = Field(default=50, ge=0, le=10**9)

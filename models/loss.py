@@ -37,6 +37,7 @@ def chunked_causal_lm_loss(
     labels: torch.Tensor,
     chunk_size: int = 1024,
     reduction: str = "sum",
+    shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """Causal-LM cross-entropy without materializing ``[T, V]`` logits.
 
@@ -48,11 +49,13 @@ def chunked_causal_lm_loss(
             ``labels[:, t + 1]`` is predicted from ``hidden[:, t]``.
         chunk_size: positions per LM-head call; peak extra memory is about ``chunk_size * V`` floats (x3 in training).
         reduction: ``"sum"`` or ``"none"``.
+        shifted: ``labels`` are already the targets (``labels[:, t]`` is predicted from ``hidden[:, t]``), as for a
+            shard of a row under sequence parallelism, whose last target is the next shard's first token.
 
     Returns:
         ``"sum"``: ``(loss_sum, n_tokens)``, a scalar fp32 loss (sum of token NLLs, differentiable) and a 0-dim int64
         tensor counting the scored tokens (a tensor so that a trainer can all-reduce it without a host sync);
-        ``"none"``: per-token NLL ``[B, T - 1]`` (fp32), 0 where the label is ignored.
+        ``"none"``: per-token NLL ``[B, T - 1]`` (``[B, T]`` when ``shifted``; fp32), 0 where the label is ignored.
 
     Equal to ``F.cross_entropy(full_logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction=...)``
     up to floating-point summation order, for the loss and its gradients (tests/test_loss.py).
@@ -65,9 +68,9 @@ def chunked_causal_lm_loss(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX  # [B, T-1]
-    h = hidden[:, :-1][scored]  # [N, H]: one copy of the scored rows, small next to [N, V] logits
+    targets, inputs = (labels, hidden) if shifted else (labels[:, 1:], hidden[:, :-1])
+    scored = targets != IGNORE_INDEX  # [B, T-1] ([B, T] when shifted)
+    h = inputs[scored]  # [N, H]: one copy of the scored rows, small next to [N, V] logits
     y = targets[scored]  # [N]
     # Recompute each chunk's logits in the backward instead of keeping them; no RNG to preserve in a linear head.
     recompute = torch.is_grad_enabled()
@@ -133,6 +136,7 @@ def causal_lm_loss(
     attention_mask: torch.Tensor | None = None,
     chunk_size: int = 1024,
     reduction: str = "sum",
+    shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """``chunked_causal_lm_loss`` of ``model`` on ``input_ids`` [B, T] / ``labels`` [B, T]: the decoder, then the
     LM head in chunks. Same returns as ``chunked_causal_lm_loss``."""
@@ -140,4 +144,4 @@ def causal_lm_loss(
     hidden = decoder(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    return chunked_causal_lm_loss(hidden, head, labels, chunk_size=chunk_size, reduction=reduction)
+    return chunked_causal_lm_loss(hidden, head, labels, chunk_size=chunk_size, reduction=reduction, shifted=shifted)

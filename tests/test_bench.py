@@ -63,6 +63,25 @@ def test_max_seq_len_search_and_cap(tmp_path):
                                for p in r["probes"])
 
 
+def test_max_seq_len_only_probes_sequence_parallel_and_tiled_variants_upward(tmp_path):
+    variants = ["ours-tiled", "ours-sp-tiled"]
+    r = _bench("max_seq_len.py", "--model", "tiny-llama", "--lengths", "256,384", "--cap-gib", "4",
+               "--only", ",".join(variants), out=tmp_path / "only.json")
+    assert r["longest"] == {v: 384 for v in variants}
+    # each variant upward from the first length; tiny-llama's 2 heads split over 2 processes
+    assert [(p["variant"], p["seq_len"]) for p in r["probes"]] == [(v, n) for v in variants for n in (256, 384)]
+    assert all(p["fits"] and 0 < p["peak_rss_gib"] <= 4 for p in r["probes"])
+
+
+def test_loss_tiling_bench_agrees_with_deepspeeds_tiled_loss(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/loss_tiling.py", "--lengths", "512", "--chunk", "128", "--out",
+                           str(tmp_path / "loss.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "losses and gradients agree" in proc.stdout
+    rows = json.loads((tmp_path / "loss.json").read_text())["rows"]
+    assert [r["way"] for r in rows] == ["ours", "deepspeed"] and all(r["seconds"] > 0 for r in rows)
+
+
 BENCH_STEP = """
 import json, sys
 import torch

@@ -10,6 +10,7 @@ import torch
 
 from configs.schema import load_run_config
 from training.model import model_config, trainable_model
+from utils.cli import UserError
 from training.memory import (
     GIB,
     MemoryPlanError,
@@ -59,6 +60,23 @@ def test_tiny_plan_matches_numbers_computed_by_hand():
     assert {k: v[0] for k, v in _items(plan).items()} == expected
     assert plan.total == 8_983_552 == sum(expected.values())
     assert plan.fits and plan.cpu_total == 0
+
+
+def test_sequence_parallel_and_tiled_mlp_by_hand():
+    # cpu_tiny over 2 GPUs as one sequence-parallel group: each holds 2 rows x 256 of the 512 positions.
+    cfg = load_run_config(TINY, ["train.sequence_parallel_size=2", "train.tiled_mlp=true"])
+    items = {k: v[0] for k, v in _items(plan_memory(cfg, world=2)).items()}
+    T = 2 * 512 // 2
+    assert items["layer inputs (checkpoints)"] == T * (2 * 64 * 4 + 2 * 32 * 4)
+    # per layer as in the tiny plan, but the tiled MLP keeps only its fp32 input (64 x 4 instead of 3 x 128 x 4),
+    # and the 1 KV head is replicated to one per rank of the 2 (attention (2*64 + 2*2*32)*4 + lse 2*4 = 1,032)
+    assert items["one layer recomputed"] == T * (776 + 256 + 128 + 1_032 + 64 * 4)
+    assert items["backward gradient buffers"] == T * 2 * 64 * 4
+    assert items["tiled MLP, one tile"] == 64 * 5 * 128 * 4  # 256 positions in tiles of 64 (= hidden)
+    assert items["Ulysses all-to-all buffers"] == 2 * T * (2 * 2 + 2 * 2) * 32 * 4
+    assert items["gradients (fp32)"] == 24_128 * 4 / 2  # ZeRO-2 shards over both ranks of the group
+    with pytest.raises(UserError, match="3 process"):  # the plan of a launch train.py would refuse
+        plan_memory(cfg, world=3)
 
 
 def test_zero3_bf16_offload_and_eager_document_mask_by_hand():

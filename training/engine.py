@@ -13,13 +13,14 @@ import torch
 
 from configs.schema import RunConfig
 from training.model import LossModule, trainable_model
+from training.parallel import enable_sequence_parallel, gradient_scale, tile_mlps
 from training.runtime import TrainError
 
 
 def ds_config(cfg: RunConfig, world: int) -> dict:
-    """The DeepSpeed JSON of ``deepspeed.config`` with its ``auto`` values filled from the run config; an ``auto``
-    left without a value, bf16/fp16 sections (precision is ``train.precision``'s) or a non-Adam optimizer are
-    TrainErrors."""
+    """The DeepSpeed JSON of ``deepspeed.config`` with its ``auto`` values filled from the run config for ``world``
+    processes (the batch counts data-parallel ranks: world / train.sequence_parallel_size); an ``auto`` left without
+    a value, bf16/fp16 sections (precision is ``train.precision``'s) or a non-Adam optimizer are TrainErrors."""
     path = Path(cfg.deepspeed.config)
     if not path.is_file():
         raise TrainError(f"deepspeed.config: {path} not found (see configs/deepspeed/)")
@@ -32,7 +33,8 @@ def ds_config(cfg: RunConfig, world: int) -> dict:
     fills = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum
+        * max(1, world // cfg.train.sequence_parallel_size),
         "gradient_clipping": cfg.train.grad_clip,
         "lr": cfg.train.lr,
         "betas": list(cfg.train.betas),
@@ -69,9 +71,10 @@ def lr_lambda(cfg: RunConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def build_engine(cfg: RunConfig, ds: dict, module: LossModule, total: int):
+def build_engine(cfg: RunConfig, ds: dict, module: LossModule, total: int, mpu=None):
     """The DeepSpeed engine over ``module``'s trainable parameters: AdamW from the run config (unless the DeepSpeed
-    JSON names its own optimizer, as the offload configs do for DeepSpeed's CPU Adam) and the LR schedule."""
+    JSON names its own optimizer, as the offload configs do for DeepSpeed's CPU Adam), the LR schedule, and the
+    sequence-parallel groups (``mpu``) when rows are split."""
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -80,23 +83,32 @@ def build_engine(cfg: RunConfig, ds: dict, module: LossModule, total: int):
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas,
                                       weight_decay=cfg.train.weight_decay)
     engine, *_ = deepspeed.initialize(
-        model=module, model_parameters=params, optimizer=optimizer, config=ds,
+        model=module, model_parameters=params, optimizer=optimizer, config=ds, mpu=mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total)))
     return engine
 
 
 def trainable_engine(cfg: RunConfig, config, precision: str, attn: str, ds: dict, total: int):
-    """(loss module, engine) of a run: seeds (``train.seed``), the trainable model built from ``config``, its loss
-    module and the DeepSpeed engine. The recipe and the training benchmark both build their step with this."""
+    """(loss module, engine) of a run: seeds (``train.seed``), the trainable model built from ``config`` (tiled
+    MLPs with ``train.tiled_mlp``), Ulysses attention and its groups with ``train.sequence_parallel_size`` > 1, the
+    loss module and the DeepSpeed engine. The recipe and the training benchmark both build their step with this;
+    the process group must be up."""
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    module = LossModule.of(cfg, trainable_model(cfg, config, precision, attn), precision)
-    return module, build_engine(cfg, ds, module, total)
+    model = trainable_model(cfg, config, precision, attn)
+    if cfg.train.tiled_mlp:
+        tile_mlps(model)
+    mpu = enable_sequence_parallel(model, cfg, attn)
+    group = None if mpu is None else mpu.get_sequence_parallel_group()
+    module = LossModule.of(cfg, model, precision, group, gradient_scale(ds, cfg.train.sequence_parallel_size))
+    return module, build_engine(cfg, ds, module, total, mpu)
 
 
 def tokens_per_step(cfg: RunConfig, world: int) -> int:
-    """Tokens one optimizer step trains on, over all processes."""
-    return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    """Tokens one optimizer step trains on, over all ``world`` processes: each row counted once, not once per
+    sequence-parallel shard."""
+    dp = max(1, world // cfg.train.sequence_parallel_size)
+    return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * dp
 
 
 def total_steps(cfg: RunConfig, world: int) -> int:

@@ -40,6 +40,7 @@ from ropescale.apply import head_dim_of
 from training.checkpoint import public_config
 from training.engine import ds_config
 from training.model import extra_param_names, lora_config  # the same LoRA and trainable extras as the run
+from training.parallel import check_sequence_parallel
 from training.runtime import rank
 
 GIB = 2**30
@@ -53,6 +54,9 @@ KNOWN_ARCHITECTURES: dict[str, dict] = {
     "meta-llama/Llama-2-13b-hf": dict(model_type="llama", hidden_size=5120, intermediate_size=13824,
                                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                                       vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+    "meta-llama/Llama-3.1-8B": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                    vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False),
     "mistralai/Mistral-7B-v0.1": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
                                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                       vocab_size=32000, max_position_embeddings=32768, tie_word_embeddings=False),
@@ -112,6 +116,8 @@ class Setup:
     attention: str  # sdpa | eager | flash_attention_2
     doc_mask: bool  # documents isolated inside a row by an L x L mask (block_cross_doc with sdpa/eager)
     loss_chunk: int
+    sp: int = 1  # train.sequence_parallel_size: ranks sharing one row, each holding seq_len / sp positions
+    tiled_mlp: bool = False  # train.tiled_mlp: MLP activations for one tile of ~hidden positions at a time
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,7 @@ def setup_of(cfg: RunConfig, world: int) -> Setup:
         offload_param=on_cpu("offload_param"), checkpointing=cfg.train.gradient_checkpointing,
         keep_attention=cfg.train.checkpoint_keep_attention and attention != "eager",
         attention=attention, doc_mask=cfg.data.block_cross_doc and attention != "flash_attention_2",
-        loss_chunk=cfg.train.loss_chunk_size)
+        loss_chunk=cfg.train.loss_chunk_size, sp=cfg.train.sequence_parallel_size, tiled_mlp=cfg.train.tiled_mlp)
 
 
 # --------------------------------------------------------------------------------------------------- the formula
@@ -267,8 +273,11 @@ def layer_activation_bytes(shape: Shape, p: Params, s: Setup) -> int:
       each module its own bf16 copy, in fp32 one shared tensor per input (q/k/v share one, gate/up share one, o's
       is the attention output); LoRA dropout adds its mask and output in the input's dtype per module; lora_A's
       output (r features) is saved for lora_B;
-    - attention keeps q, k, v, its output (act dtype) and a per-head fp32 log-sum-exp;
-    - the MLP keeps gate, up and silu(gate) outputs.
+    - attention keeps q, k, v, its output (act dtype) and a per-head fp32 log-sum-exp; under sequence parallelism
+      (Ulysses) a rank holds heads / sp of them over all positions, the same bytes per local token, except that
+      key/value heads fewer than sp are replicated to one per rank (max(kv, sp) per local token);
+    - the MLP keeps gate, up and silu(gate) outputs; tiled (TiledMLP) only its input, the tiles' activations being
+      recomputed in the backward one tile at a time (``plan_items``' "tiled MLP, one tile").
     """
     b = dtype_bytes(p, s)
     h, i, heads, kv, d = shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim
@@ -287,15 +296,18 @@ def layer_activation_bytes(shape: Shape, p: Params, s: Setup) -> int:
         groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
         linears = sum(4 * shape.in_features(g[0]) for g in groups if p.trainable_linears & set(g))
     lora_out = len(p.trainable_linears) * s.lora_r * b["act"] if s.lora else 0
+    kv = max(kv, s.sp) if s.sp > 1 else kv
     attention = (2 * heads * d + 2 * kv * d) * b["act"] + heads * 4
-    mlp = 3 * i * b["act"]
+    mlp = h * b["norm"] if s.tiled_mlp else 3 * i * b["act"]
     return norms + linears + lora_out + attention + mlp
 
 
 def plan_items(shape: Shape, p: Params, s: Setup) -> list[Item]:
     """The plan's lines (bytes per GPU), from the model shape, parameter counts and settings."""
     b = dtype_bytes(p, s)
-    W, T, L = s.world, s.micro_batch * s.seq_len, s.seq_len
+    # T: the positions this GPU holds (a row's seq_len / sp under sequence parallelism); ZeRO shards over all W
+    # ranks (DeepSpeed's sequence-data-parallel group).
+    W, T, L = s.world, s.micro_batch * s.seq_len // s.sp, s.seq_len
     h, i, V = shape.hidden, shape.intermediate, shape.vocab
     frozen = p.total - p.trainable
     split_w = W if s.zero_stage == 3 else 1
@@ -337,9 +349,20 @@ def plan_items(shape: Shape, p: Params, s: Setup) -> list[Item]:
     else:
         items.append(Item("activations (no checkpointing)", T * (shape.layers * (per_layer + h * b["resid"]) + rope),
                           0.0, f"{T:,} tokens x {shape.layers} layers x ({per_layer:,} + {h * b['resid']}) B"))
-    grads = 2 * h * b["resid"] + 2 * i * b["act"]
-    items.append(Item("backward gradient buffers", T * grads, 0.0,
-                      f"{T:,} tokens x (2 x {h} x {b['resid']} + 2 x {i} x {b['act']}) B (estimate)"))
+    mlp_grads = 0 if s.tiled_mlp else 2 * i * b["act"]
+    items.append(Item("backward gradient buffers", T * (2 * h * b["resid"] + mlp_grads), 0.0,
+                      f"{T:,} tokens x (2 x {h} x {b['resid']}" + (f" + 2 x {i} x {b['act']}" if mlp_grads else "")
+                      + ") B (estimate)"))
+    if s.tiled_mlp:
+        tile = -(-T // max(1, -(-T // h)))  # ceil(T / ceil(T / hidden)) positions per tile
+        items.append(Item("tiled MLP, one tile", tile * 5 * i * b["act"], 0.0,
+                          f"{tile:,} positions x (3 saved + 2 gradient) x {i} x {b['act']} B (train.tiled_mlp)"))
+    if s.sp > 1:
+        kv = max(shape.kv_heads, s.sp)
+        exchange = 2 * T * (2 * shape.heads + 2 * kv) * shape.head_dim * b["act"]
+        items.append(Item("Ulysses all-to-all buffers", exchange, 0.0,
+                          f"send + receive of one layer's q, k, v and output: 2 x {T:,} x ({2 * shape.heads} + "
+                          f"{2 * kv}) x {shape.head_dim} x {b['act']} B (sequence parallel {s.sp})"))
     layers_alive = 1 if s.checkpointing else shape.layers
     if s.attention == "eager":
         per = 4 + (2 if b["act"] == 2 else 0)  # fp32 softmax output, plus its bf16 copy under autocast
@@ -370,6 +393,7 @@ def plan_memory(cfg: RunConfig, world: int = 1, gpu_mem_gib: float = 80.0) -> Me
         raise MemoryPlanError(f"world size must be >= 1, got {world}")
     config, source = planned_config(cfg)
     shape, p, s = shape_of(config), count_params(cfg, config), setup_of(cfg, world)
+    check_sequence_parallel(cfg, config, s.attention, world)  # the plan of a run train.py would refuse is refused
     b = dtype_bytes(p, s)
     what = (f"LoRA r={cfg.lora.r} on {','.join(cfg.lora.target_modules)}"
             + (f" + {','.join(cfg.lora.trainable_extra)}" if cfg.lora.trainable_extra else "")
@@ -382,7 +406,9 @@ def plan_memory(cfg: RunConfig, world: int = 1, gpu_mem_gib: float = 80.0) -> Me
         f"{' + parameter offload' if s.offload_param else ''} over {world} GPU(s); {s.precision} "
         f"(base weights {b['frozen']} B, activations {b['act']} B, residual stream {b['resid']} B); "
         f"micro-batch {s.micro_batch} x seq_len {s.seq_len:,}; attention {s.attention}; "
-        f"gradient checkpointing {'on' if s.checkpointing else 'off'}",
+        f"gradient checkpointing {'on' if s.checkpointing else 'off'}"
+        + (f"; sequence parallel {s.sp} ({s.seq_len // s.sp:,} positions per GPU, {world // s.sp} data-parallel)"
+           if s.sp > 1 else "") + ("; tiled MLP" if s.tiled_mlp else ""),
     ]
     notes = [f"a plain full-logits loss would add {full_logits_bytes(shape, s) / GIB:.2f} GiB (train.py uses the "
              f"chunked head)"]

@@ -11,6 +11,7 @@ from models.build import build_model, scaled_config
 from models.load import load_tokenizer
 from models.loss import causal_lm_loss
 from ropescale.apply import original_context
+from training.parallel import scale_gradient
 from training.runtime import TrainError
 
 
@@ -119,24 +120,34 @@ class LossModule(torch.nn.Module):
     """What the DeepSpeed engine wraps: the model plus the chunked loss, so that one ``engine(batch)`` call runs the
     decoder and the LM head chunk by chunk (the ``[seq_len, vocab]`` logits never exist)."""
 
-    def __init__(self, model, chunk_size: int, autocast_dtype: torch.dtype | None, block_cross_doc: bool):
+    def __init__(self, model, chunk_size: int, autocast_dtype: torch.dtype | None, block_cross_doc: bool,
+                 sp_group=None, grad_scale: float = 1.0):
         super().__init__()
         self.model, self.chunk_size, self.autocast_dtype = model, chunk_size, autocast_dtype
-        self.block_cross_doc = block_cross_doc
+        self.block_cross_doc, self.sp_group, self.grad_scale = block_cross_doc, sp_group, grad_scale
 
     @classmethod
-    def of(cls, cfg: RunConfig, model, precision: str) -> LossModule:
-        """The loss module of a run: the config's loss chunk size and packing mode, bf16 autocast for bf16."""
+    def of(cls, cfg: RunConfig, model, precision: str, sp_group=None, grad_scale: float = 1.0) -> LossModule:
+        """The loss module of a run: the config's loss chunk size and packing mode, bf16 autocast for bf16, and the
+        sequence-parallel group when rows are split, with the gradient factor its ZeRO stage needs
+        (training/parallel.py: ``gradient_scale``)."""
         return cls(model, cfg.train.loss_chunk_size, torch.bfloat16 if precision == "bf16" else None,
-                   cfg.data.block_cross_doc)
+                   cfg.data.block_cross_doc, sp_group, grad_scale)
 
     def forward(self, input_ids, labels, position_ids):
-        """input_ids, labels, position_ids: [B, seq_len] -> the mean loss over the scored tokens (a scalar)."""
+        """input_ids, labels, position_ids: [B, seq_len] -> the mean loss over the scored tokens (a scalar).
+
+        Under sequence parallelism (``sp_group``) the tensors are this rank's shard ``[B, seq_len / P]`` with labels
+        already shifted (``training.parallel.shard_rows``), and the result is this rank's share of the mean over the
+        group's rows: its NLL sum over the label count of the whole group (the shares add up to the mean)."""
         # The packing mode decides the attention mask: None + use_cache=False isolates documents (reset rows with
         # block_cross_doc), all ones keeps plain causal attention across the row (data/loader.py).
         kwargs = forward_kwargs({"input_ids": input_ids, "position_ids": position_ids}, self.block_cross_doc)
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             loss_sum, n = causal_lm_loss(self.model, input_ids, labels, position_ids=position_ids,
-                                         attention_mask=kwargs["attention_mask"], chunk_size=self.chunk_size)
-        return loss_sum / n.clamp(min=1)
+                                         attention_mask=kwargs["attention_mask"], chunk_size=self.chunk_size,
+                                         shifted=self.sp_group is not None)
+        if self.sp_group is not None:  # the count only: no gradient flows through it
+            torch.distributed.all_reduce(n, group=self.sp_group)
+        return scale_gradient(loss_sum / n.clamp(min=1), self.grad_scale)

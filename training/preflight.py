@@ -2,7 +2,8 @@
 
 ``preflight(cfg, resume)`` is the first step of the recipe's setup and of ``train.py --dry-run``: the run folder
 against ``--resume``, the precision and attention kernel this machine can give, the model config with the RoPE
-method applied (and the training length against the model's original context), the weights' format (pickles only
+method applied (and the training length against the model's original context), sequence parallelism against the
+model's heads, the process count and the rows (training/parallel.py), the weights' format (pickles only
 with ``model.allow_pickle``), the tokenizer, the files the data sources name, and the DeepSpeed JSON with its
 ``auto`` values filled. Each refusal is a UserError (one ``error:`` line, exit status 2); nothing is written. (What
 only reading the documents can find, such as a truncated ``.gz``, is found when rank 0 packs the data: still before
@@ -21,6 +22,7 @@ from models.load import check_weights_format
 from training.checkpoint import prepare_run_dir
 from training.engine import ds_config
 from training.model import model_config, tokenizer_of
+from training.parallel import check_sequence_parallel
 from training.runtime import attn_implementation, choose_precision, device
 
 
@@ -46,11 +48,13 @@ def preflight(cfg: RunConfig, resume: str | None) -> Preflight:
     precision, why = choose_precision(cfg.train.precision, dev)
     attn = attn_implementation(cfg, dev)
     config = model_config(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_sequence_parallel(cfg, config, attn, world)
     if cfg.model.init == "pretrained":
         check_weights_format(cfg.model.name, cfg.model.allow_pickle)
     tokenizer = tokenizer_of(cfg)
     for spec in cfg.data.sources:
         if spec.kind == "files":
             expand_files(spec.path)  # a glob that matches nothing, a missing file, an unsupported type
-    ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    ds = ds_config(cfg, world)
     return Preflight(resume_from, precision, why, attn, config, tokenizer, ds)
