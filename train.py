@@ -41,7 +41,7 @@ from training.engine import optimizer_step, tokens_per_step, total_steps, traina
 from training.evaluate import evaluate_run
 from training.memory import dry_run
 from training.metrics import MetricsLog
-from training.parallel import data_parallel, shard_rows
+from training.parallel import data_parallel_size, shard_rows
 from training.preflight import preflight
 from training.runtime import (
     Preempted,
@@ -87,7 +87,7 @@ class Recipe:
 
         self.rank, self.world = init_distributed(self.device)
         self.sp = cfg.train.sequence_parallel_size  # ranks sharing one row (training/parallel.py)
-        self.dp_rank, self.dp = data_parallel(self.rank, self.world, self.sp)
+        self.dp_rank, self.dp = self.rank // self.sp, data_parallel_size(cfg, self.world)
         self.stop = StopSignal()
         log(f"{self.world} process(es) on {self.device.type}"
             + (f" ({self.dp} data-parallel x {self.sp} sequence-parallel)" if self.sp > 1 else "")

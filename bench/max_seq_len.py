@@ -8,11 +8,11 @@
                                                                  # long rows: sequence parallelism, tiled MLP
 
 ``--only`` probes the named variants of ours (bench/train_paths.py: ``ours``, ``ours-tiled``, ``ours-sp``,
-``ours-sp-tiled``, ...) instead of the ours-against-Trainer pair, each upward from ``--min-len`` until its first
+``ours-sp-tiled``, ...) instead of the ours-against-Trainer pair, each upward from the first length until its first
 failure, so that no length is skipped unless a shorter one did not fit. ``--lengths`` replaces the powers of two
-and midpoints with the given probe lengths (a sequence-parallel variant trains each cut to a multiple of its size). A multi-process variant's peak is the sum
-of its processes' peaks (each process's own high-water mark; they need not peak at the same moment, so the sum is
-an upper bound of what the machine held at once).
+and midpoints with the given probe lengths (a sequence-parallel variant trains each cut to a multiple of its size).
+A multi-process variant's peak is the sum of its processes' peaks (each process's own high-water mark; they need not
+peak at the same moment, so the sum is an upper bound of what the machine held at once).
 
 A probe (path, seq_len) is one process (bench/train_paths.py) that loads the model, runs a warm-up step at 256 tokens
 (so that the optimizer's states exist, as in any step after the first) and then one optimizer step (forward,

@@ -46,7 +46,7 @@ from models.load import load_tokenizer  # noqa: E402
 from ropescale.apply import head_dim_of  # noqa: E402
 from training.engine import ds_config, optimizer_step, trainable_engine  # noqa: E402
 from training.model import extra_param_names, lora_config, model_config  # noqa: E402
-from training.parallel import data_parallel, shard_rows  # noqa: E402
+from training.parallel import data_parallel_size, shard_rows  # noqa: E402
 from training.runtime import attn_implementation, choose_precision, device, init_distributed, shutdown  # noqa: E402
 from utils.cli import exit_process, free_port  # noqa: E402
 
@@ -342,7 +342,7 @@ def worker(variant: str, model: str, lengths: list[int], warmup_len: int, thread
     longest = max([warmup_len, *lengths])
     # Each data-parallel rank trains its own row: data-parallel rank d reads its rows from the d-th stretch of the
     # corpus (the ranks of a sequence-parallel group share one, each training its part of the positions).
-    dp_rank, dp = data_parallel(rank, world, sp)
+    dp_rank, dp = rank // sp, data_parallel_size(cfg, world)
     ids = corpus_tokens(tokenizer, dp * longest)[dp_rank * longest:]
     # a row splits into equal parts: under sequence parallelism each length is cut to a multiple of the group size
     trained = [n - n % sp for n in [warmup_len, *lengths]]

@@ -46,13 +46,16 @@ def tokens_seen(run: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sets", [(), ("data.mode=reset", PASSKEY), ("data.mode=pose", "data.pose_target_len=2048"),
-                                  ("deepspeed.config=configs/deepspeed/zero3.json",)],
-                         ids=["concat", "reset", "pose", "zero3"])
+@pytest.mark.parametrize("sets", [
+    ("data.mode=reset", PASSKEY),
+    ("data.mode=pose", "data.pose_target_len=2048", "train.micro_batch_size=1", "train.grad_accum=2"),
+    ("deepspeed.config=configs/deepspeed/zero3.json",),
+], ids=["reset", "pose-accum", "zero3-concat"])
 def test_sequence_parallel_size_2_trains_as_one_process(tmp_path, sets):
     """The same rows, whole on one process or split over two: the same losses and weights after 5 steps (reset
-    rows restart positions inside a shard; PoSE rows skip positions between shards; ZeRO-3 averages gradients over
-    every rank, which training.parallel.gradient_scale corrects)."""
+    rows restart positions inside a shard; PoSE rows skip positions between shards, here with gradient accumulation;
+    ZeRO-3 averages gradients over every rank, which training.parallel.gradient_scale corrects). Concat rows under
+    ZeRO-2 are the tiled-MLP and 2 x 2-rank tests' case."""
     one, two = tmp_path / "one", tmp_path / "two"
     train(one, *sets, "train.max_steps=5")
     r = train(two, *sets, "train.max_steps=5", "train.sequence_parallel_size=2", nproc=2)

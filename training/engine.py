@@ -13,7 +13,7 @@ import torch
 
 from configs.schema import RunConfig
 from training.model import LossModule, trainable_model
-from training.parallel import enable_sequence_parallel, gradient_scale, tile_mlps
+from training.parallel import data_parallel_size, enable_sequence_parallel, gradient_scale, tile_mlps
 from training.runtime import TrainError
 
 
@@ -33,8 +33,7 @@ def ds_config(cfg: RunConfig, world: int) -> dict:
     fills = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum
-        * max(1, world // cfg.train.sequence_parallel_size),
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * data_parallel_size(cfg, world),
         "gradient_clipping": cfg.train.grad_clip,
         "lr": cfg.train.lr,
         "betas": list(cfg.train.betas),
@@ -107,8 +106,7 @@ def trainable_engine(cfg: RunConfig, config, precision: str, attn: str, ds: dict
 def tokens_per_step(cfg: RunConfig, world: int) -> int:
     """Tokens one optimizer step trains on, over all ``world`` processes: each row counted once, not once per
     sequence-parallel shard."""
-    dp = max(1, world // cfg.train.sequence_parallel_size)
-    return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+    return cfg.data.seq_len * cfg.train.micro_batch_size * cfg.train.grad_accum * data_parallel_size(cfg, world)
 
 
 def total_steps(cfg: RunConfig, world: int) -> int:

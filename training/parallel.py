@@ -32,9 +32,9 @@ from data.pack import IGNORE_INDEX
 from training.runtime import TrainError
 
 
-def data_parallel(rank: int, world: int, sequence_parallel_size: int) -> tuple[int, int]:
-    """(data-parallel rank, data-parallel size) of global ``rank`` in a world of ``world`` processes."""
-    return rank // sequence_parallel_size, world // sequence_parallel_size
+def data_parallel_size(cfg: RunConfig, world: int) -> int:
+    """Data-parallel groups in a world of ``world`` processes (rank r is in group r // sequence_parallel_size)."""
+    return max(1, world // cfg.train.sequence_parallel_size)
 
 
 def check_sequence_parallel(cfg: RunConfig, config, attn: str, world: int) -> None:
