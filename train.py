@@ -132,7 +132,8 @@ class Recipe:
         while self.state["step"] < self.total:
             t0 = time.perf_counter()
             lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-            loss_sum = optimizer_step(self.engine, batches, cfg.train.grad_accum, self.device, guard=self.guard)
+            loss_sum = optimizer_step(self.engine, batches, cfg.train.grad_accum, self.device, guard=self.guard,
+                                      offload_checkpoints=cfg.train.offload_checkpoints)
             grad_norm = self.checked_grad_norm()
             torch.distributed.all_reduce(loss_sum)
             self.state["step"] += 1

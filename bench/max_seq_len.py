@@ -77,6 +77,7 @@ def probe(variant: str, model: str, seq_len: int, cap_mib: float, threads: int) 
         # The whole process's peak: loading, the warm-up step and the step (each step's mark was reset before it).
         peak = max(result["load_peak_rss_mib"], *(s["peak_rss_mib"] for s in result["steps"]))
         record["peak_rss_gib"] = round(peak / 1024, 3)
+        record["step_seconds"] = round(result["steps"][-1]["seconds"], 1)  # the probed step alone
         fits = peak <= cap_mib
         record.update(fits=fits, why="fits" if fits else f"VmHWM {peak / 1024:.2f} GiB over the cap")
     return record
@@ -89,7 +90,8 @@ def search(variant: str, model: str, lengths: list[int], start: int, cap_mib: fl
     def run(i):
         r = probe(variant, model, lengths[i], cap_mib, threads)
         probes.append(r)
-        peak = f"peak {r['peak_rss_gib']:.2f} GiB, " if r["peak_rss_gib"] is not None else ""
+        peak = (f"peak {r['peak_rss_gib']:.2f} GiB, step {r['step_seconds']:.0f} s, "
+                if r["peak_rss_gib"] is not None else "")
         print(f"  {VARIANTS[variant].label:24s} {lengths[i]:6d}: {r['why']} ({peak}{r['seconds']:.0f} s)", flush=True)
         return r["fits"]
 

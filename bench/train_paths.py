@@ -46,7 +46,7 @@ from models.load import load_tokenizer  # noqa: E402
 from ropescale.apply import head_dim_of  # noqa: E402
 from training.engine import ds_config, optimizer_step, trainable_engine  # noqa: E402
 from training.model import extra_param_names, lora_config, model_config  # noqa: E402
-from training.parallel import data_parallel_size, shard_rows  # noqa: E402
+from training.parallel import check_offload_checkpoints, data_parallel_size, shard_rows  # noqa: E402
 from training.runtime import attn_implementation, choose_precision, device, init_distributed, shutdown  # noqa: E402
 from utils.cli import exit_process, free_port  # noqa: E402
 
@@ -69,6 +69,8 @@ VARIANTS = {
     "ours-tiled": Variant("ours", "auto", 1, "ours default, tiled MLP", ("train.tiled_mlp=true",)),
     "ours-sp": Variant("ours", "auto", 0, "ours default, seq. parallel"),
     "ours-sp-tiled": Variant("ours", "auto", 0, "ours default, seq. par. + tiled MLP", ("train.tiled_mlp=true",)),
+    "ours-offload": Variant("ours", "auto", 1, "ours default, checkpoints in CPU memory",  # GPUs only
+                            ("train.offload_checkpoints=true",)),
     "trainer": Variant("trainer", "fp32", 1, "Trainer default (fp32)"),
     "trainer-bf16": Variant("trainer", "bf16", 1, "Trainer bf16=True"),
 }
@@ -256,6 +258,7 @@ def ours_steps(cfg, precision: str, batches: list[dict], dev: torch.device) -> d
     input_ids, labels, position_ids ``[B, L]``), each timed."""
     precision, why = choose_precision(precision, dev)
     attn = attn_implementation(cfg, dev)
+    check_offload_checkpoints(cfg, dev)
     config = model_config(cfg)
     ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = init_distributed(dev)
@@ -267,7 +270,7 @@ def ours_steps(cfg, precision: str, batches: list[dict], dev: torch.device) -> d
         for batch in batches:
             torch.distributed.barrier()  # ranks start each timed step together
             meter.start()
-            loss = optimizer_step(engine, iter([batch]), 1, dev)
+            loss = optimizer_step(engine, iter([batch]), 1, dev, offload_checkpoints=cfg.train.offload_checkpoints)
             steps.append({**meter.stop(), "loss": loss.item()})
         info = _model_info(module.model)
     finally:

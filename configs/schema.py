@@ -127,6 +127,10 @@ class TrainSection(StrictModel):
     """Run each MLP over tiles of the sequence (DeepSpeed's TiledMLP, ceil(positions / hidden_size) tiles): the
     [positions, intermediate_size] activations exist for one tile at a time, at the price of a second MLP forward
     in the backward."""
+    offload_checkpoints: bool = False
+    """GPUs, with gradient_checkpointing: keep each decoder layer's checkpointed input in pinned CPU memory between
+    the forward and the backward (DeepSpeed's CheckpointHiddenStatesOffload, copies on a side stream), instead of
+    n_layers x positions x hidden on the GPU."""
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for weights (scratch/LoRA init), dropout and data order."""
     save_every: int = Field(default=50, ge=0, le=10**9)

@@ -70,7 +70,7 @@ def test_max_seq_len_only_probes_sequence_parallel_and_tiled_variants_upward(tmp
     assert r["longest"] == {v: 384 for v in variants}
     # each variant upward from the first length; tiny-llama's 2 heads split over 2 processes
     assert [(p["variant"], p["seq_len"]) for p in r["probes"]] == [(v, n) for v in variants for n in (256, 384)]
-    assert all(p["fits"] and 0 < p["peak_rss_gib"] <= 4 for p in r["probes"])
+    assert all(p["fits"] and 0 < p["peak_rss_gib"] <= 4 and 0 < p["step_seconds"] < p["seconds"] for p in r["probes"])
 
 
 def test_loss_tiling_bench_agrees_with_deepspeeds_tiled_loss(tmp_path):

@@ -77,6 +77,9 @@ def test_sequence_parallel_and_tiled_mlp_by_hand():
     assert items["gradients (fp32)"] == 24_128 * 4 / 2  # ZeRO-2 shards over both ranks of the group
     with pytest.raises(UserError, match="3 process"):  # the plan of a launch train.py would refuse
         plan_memory(cfg, world=3)
+    # offloaded checkpoints: the newest layer input (and cos/sin) stays on the GPU, the other layer's goes to CPU
+    offload = _items(plan_memory(load_run_config(TINY, ["train.offload_checkpoints=true"]), world=1))
+    assert offload["layer inputs (checkpoints)"] == (1024 * (64 * 4 + 2 * 32 * 4), 1024 * 64 * 4)
 
 
 def test_zero3_bf16_offload_and_eager_document_mask_by_hand():

@@ -103,8 +103,9 @@ def test_resume_under_sequence_parallelism_continues_exactly_and_another_size_is
     (("train.sequence_parallel_size=2", "model.attn_implementation=eager"), 2, "eager cannot run under sequence"),
     (("train.sequence_parallel_size=2", "data.mode=reset", "data.block_cross_doc=true"), 2,
      "data.block_cross_doc with sdpa under sequence parallelism"),
+    (("train.offload_checkpoints=true",), 1, "this run is on the CPU, where they are in CPU memory already"),
 ])
-def test_sequence_parallel_refusals_come_before_any_process_group(tmp_path, sets, world, message):
+def test_long_row_refusals_come_before_any_process_group(tmp_path, sets, world, message):
     """One ``error:`` line, exit 2, no run folder. WORLD_SIZE is what a launcher of ``world`` processes sets; the
     check reads it before the rendezvous (had the check passed, the one process would fail later, differently)."""
     run = tmp_path / "bad"

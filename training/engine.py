@@ -13,7 +13,8 @@ import torch
 
 from configs.schema import RunConfig
 from training.model import LossModule, trainable_model
-from training.parallel import data_parallel_size, enable_sequence_parallel, gradient_scale, tile_mlps
+from training.parallel import (data_parallel_size, enable_sequence_parallel, gradient_scale, offloaded_checkpoints,
+                               tile_mlps)
 from training.runtime import TrainError
 
 
@@ -118,18 +119,21 @@ def total_steps(cfg: RunConfig, world: int) -> int:
 
 
 def optimizer_step(engine, micro_batches: Iterator[dict], grad_accum: int, dev: torch.device,
-                   guard: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                   guard: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   offload_checkpoints: bool = False) -> torch.Tensor:
     """One optimizer step: ``grad_accum`` micro-batches (dicts of input_ids, labels, position_ids ``[B, seq_len]``),
     each forward through the engine (decoder + chunked loss), ``guard`` (it may stop the run on a bad loss),
-    backward, and ``engine.step()`` (DeepSpeed applies the optimizer at the accumulation boundary). Returns the sum
-    of the micro-batch losses of this process (a detached scalar)."""
+    backward (both with the layers' checkpointed inputs in CPU memory with ``offload_checkpoints``), and
+    ``engine.step()`` (DeepSpeed applies the optimizer at the accumulation boundary). Returns the sum of the
+    micro-batch losses of this process (a detached scalar)."""
     loss_sum = torch.zeros((), device=dev)
     for _ in range(grad_accum):
         batch = {k: v.to(dev) for k, v in next(micro_batches).items()}
-        loss = engine(batch["input_ids"], batch["labels"], batch["position_ids"])
-        if guard is not None:
-            loss = guard(loss)
-        engine.backward(loss)
+        with offloaded_checkpoints(offload_checkpoints):
+            loss = engine(batch["input_ids"], batch["labels"], batch["position_ids"])
+            if guard is not None:
+                loss = guard(loss)
+            engine.backward(loss)
         engine.step()
         loss_sum += loss.detach()
     return loss_sum

@@ -118,6 +118,7 @@ class Setup:
     loss_chunk: int
     sp: int = 1  # train.sequence_parallel_size: ranks sharing one row, each holding seq_len / sp positions
     tiled_mlp: bool = False  # train.tiled_mlp: MLP activations for one tile of ~hidden positions at a time
+    offload_checkpoints: bool = False  # train.offload_checkpoints: layer inputs in CPU memory between fwd and bwd
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def setup_of(cfg: RunConfig, world: int) -> Setup:
         offload_param=on_cpu("offload_param"), checkpointing=cfg.train.gradient_checkpointing,
         keep_attention=cfg.train.checkpoint_keep_attention and attention != "eager",
         attention=attention, doc_mask=cfg.data.block_cross_doc and attention != "flash_attention_2",
-        loss_chunk=cfg.train.loss_chunk_size, sp=cfg.train.sequence_parallel_size, tiled_mlp=cfg.train.tiled_mlp)
+        loss_chunk=cfg.train.loss_chunk_size, sp=cfg.train.sequence_parallel_size, tiled_mlp=cfg.train.tiled_mlp,
+        offload_checkpoints=cfg.train.offload_checkpoints and cfg.train.gradient_checkpointing)
 
 
 # --------------------------------------------------------------------------------------------------- the formula
@@ -337,8 +339,14 @@ def plan_items(shape: Shape, p: Params, s: Setup) -> list[Item]:
     per_layer = layer_activation_bytes(shape, p, s)
     rope = 2 * shape.head_dim * b["resid"]  # cos and sin, shared by all layers
     if s.checkpointing:
-        items.append(Item("layer inputs (checkpoints)", T * (shape.layers * h * b["resid"] + rope), 0.0,
-                          f"{T:,} tokens x ({shape.layers} layers x {h} x {b['resid']} B + cos/sin)"))
+        if s.offload_checkpoints:  # DeepSpeed keeps the newest one on the GPU (keep_last_count 1)
+            items.append(Item("layer inputs (checkpoints)", T * (h * b["resid"] + rope),
+                              T * (shape.layers - 1) * h * b["resid"],
+                              f"{T:,} tokens x ({h} x {b['resid']} B + cos/sin) on the GPU, {shape.layers - 1} "
+                              "layers' inputs in CPU memory (train.offload_checkpoints)"))
+        else:
+            items.append(Item("layer inputs (checkpoints)", T * (shape.layers * h * b["resid"] + rope), 0.0,
+                              f"{T:,} tokens x ({shape.layers} layers x {h} x {b['resid']} B + cos/sin)"))
         if s.keep_attention:
             kept = shape.heads * shape.head_dim * b["act"] + shape.heads * 4  # output + fp32 log-sum-exp
             items.append(Item("attention outputs (kept)", T * shape.layers * kept, 0.0,
@@ -426,6 +434,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = ["memory plan per GPU", *(f"  {h}" for h in plan.header)]
     for it in plan.items:
         where = f"{it.gpu / scale:9.3f} {unit}" if not it.cpu else f"{it.cpu / scale:9.3f} {unit} CPU"
+        if it.gpu and it.cpu:  # split between the two (offloaded checkpoints)
+            where = f"{it.gpu / scale:9.3f} {unit} + {it.cpu / scale:.3f} {unit} CPU"
         lines.append(f"  {it.name:<{width}}  {where}  {it.how}")
     budget = (1 - RESERVE) * plan.gpu_mem_gib
     verdict = "fits" if plan.fits else "does NOT fit"

@@ -21,6 +21,7 @@ that of the exact mean over every label of the row, as without sequence parallel
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 
@@ -122,6 +123,30 @@ def shard_rows(batch: dict[str, torch.Tensor], sp_rank: int, size: int) -> dict[
     part = slice(sp_rank * width, (sp_rank + 1) * width)
     return {"input_ids": batch["input_ids"][:, part], "labels": shifted[:, part],
             "position_ids": batch["position_ids"][:, part]}
+
+
+def check_offload_checkpoints(cfg: RunConfig, dev: torch.device) -> None:
+    """Refuse ``train.offload_checkpoints`` where it cannot do what it says: on a CPU (the checkpoints are in CPU
+    memory already; DeepSpeed's offload would silently skip them) and without gradient checkpointing."""
+    if not cfg.train.offload_checkpoints:
+        return
+    if dev.type != "cuda":
+        raise TrainError("train.offload_checkpoints moves the layers' checkpoints from GPU to CPU memory; this run is "
+                         "on the CPU, where they are in CPU memory already: set it to false")
+    if not cfg.train.gradient_checkpointing:
+        raise TrainError("train.offload_checkpoints offloads what gradient checkpointing keeps; set "
+                         "train.gradient_checkpointing: true or turn the offload off")
+
+
+def offloaded_checkpoints(enabled: bool):
+    """The context one micro-batch's forward and backward run in: with ``enabled``, DeepSpeed's
+    CheckpointHiddenStatesOffload, which moves the inputs that gradient checkpointing keeps for each decoder layer
+    to pinned CPU memory in the forward and back in the backward (GPU tensors only); else nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.activation_checkpointing.offload_activations import CheckpointHiddenStatesOffload
+
+    return CheckpointHiddenStatesOffload()
 
 
 def tile_mlps(model) -> int:

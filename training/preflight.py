@@ -22,7 +22,7 @@ from models.load import check_weights_format
 from training.checkpoint import prepare_run_dir
 from training.engine import ds_config
 from training.model import model_config, tokenizer_of
-from training.parallel import check_sequence_parallel
+from training.parallel import check_offload_checkpoints, check_sequence_parallel
 from training.runtime import attn_implementation, choose_precision, device
 
 
@@ -50,6 +50,7 @@ def preflight(cfg: RunConfig, resume: str | None) -> Preflight:
     config = model_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_sequence_parallel(cfg, config, attn, world)
+    check_offload_checkpoints(cfg, dev)
     if cfg.model.init == "pretrained":
         check_weights_format(cfg.model.name, cfg.model.allow_pickle)
     tokenizer = tokenizer_of(cfg)
