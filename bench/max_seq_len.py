@@ -77,7 +77,7 @@ def probe(variant: str, model: str, seq_len: int, cap_mib: float, threads: int) 
         # The whole process's peak: loading, the warm-up step and the step (each step's mark was reset before it).
         peak = max(result["load_peak_rss_mib"], *(s["peak_rss_mib"] for s in result["steps"]))
         record["peak_rss_gib"] = round(peak / 1024, 3)
-        record["step_seconds"] = round(result["steps"][-1]["seconds"], 1)  # the probed step alone
+        record["step_seconds"] = round(result["steps"][-1]["seconds"], 3)  # the probed step alone
         fits = peak <= cap_mib
         record.update(fits=fits, why="fits" if fits else f"VmHWM {peak / 1024:.2f} GiB over the cap")
     return record
