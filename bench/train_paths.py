@@ -46,7 +46,7 @@ from models.load import load_tokenizer  # noqa: E402
 from ropescale.apply import head_dim_of  # noqa: E402
 from training.engine import ds_config, optimizer_step, trainable_engine  # noqa: E402
 from training.model import extra_param_names, lora_config, model_config  # noqa: E402
-from training.parallel import check_offload_checkpoints, data_parallel_size, shard_rows  # noqa: E402
+from training.parallel import check_offload_checkpoints, data_parallel_size, sequence_parallel_sizes, shard_rows  # noqa: E402
 from training.runtime import attn_implementation, choose_precision, device, init_distributed, shutdown  # noqa: E402
 from utils.cli import exit_process, free_port  # noqa: E402
 
@@ -118,9 +118,7 @@ def run_config(model: str, sets: tuple[str, ...] = ()):
 
 def sp_size(model: str) -> int:
     """The smallest sequence-parallel size above 1 that ``model``'s heads split over (training/parallel.py)."""
-    text = model_config(run_config(model)).get_text_config()
-    heads, kv = text.num_attention_heads, text.num_key_value_heads or text.num_attention_heads
-    return next(p for p in range(2, heads + 1) if heads % p == 0 and (kv % p == 0 or p % kv == 0))
+    return sequence_parallel_sizes(model_config(run_config(model)))[1]
 
 
 def variant_setup(variant: str, model: str) -> tuple[int, tuple[str, ...]]:

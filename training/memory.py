@@ -40,7 +40,7 @@ from ropescale.apply import head_dim_of
 from training.checkpoint import public_config
 from training.engine import ds_config
 from training.model import extra_param_names, lora_config  # the same LoRA and trainable extras as the run
-from training.parallel import check_sequence_parallel
+from training.parallel import check_sequence_parallel, head_counts
 from training.runtime import rank
 
 GIB = 2**30
@@ -177,9 +177,8 @@ def shape_of(config) -> Shape:
     if missing:
         raise MemoryPlanError(f"{type(config).__name__} has no {', '.join(missing)}: the memory plan knows "
                               "Llama-family decoders (Llama, Mistral, Qwen2: q/k/v/o attention + gate/up/down MLP)")
-    heads = config.num_attention_heads
-    return Shape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
-                 kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+    heads, kv_heads = head_counts(config)
+    return Shape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads, kv_heads=kv_heads,
                  head_dim=head_dim_of(config),
                  intermediate=config.intermediate_size, vocab=config.vocab_size)
 

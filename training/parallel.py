@@ -38,6 +38,20 @@ def data_parallel_size(cfg: RunConfig, world: int) -> int:
     return max(1, world // cfg.train.sequence_parallel_size)
 
 
+def head_counts(config) -> tuple[int, int]:
+    """(attention heads, key/value heads) of a transformers config (key/value = attention heads without GQA)."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    return heads, getattr(text, "num_key_value_heads", None) or heads
+
+
+def sequence_parallel_sizes(config) -> list[int]:
+    """Every ``train.sequence_parallel_size`` a model's heads split over, ascending (1 included): divisors of the
+    attention heads whose key/value heads divide them or divide by them (DeepSpeed splits or replicates those)."""
+    heads, kv = head_counts(config)
+    return [p for p in range(1, heads + 1) if heads % p == 0 and (kv % p == 0 or p % kv == 0)]
+
+
 def check_sequence_parallel(cfg: RunConfig, config, attn: str, world: int) -> None:
     """Refuse, before any process group starts, a sequence-parallel run that cannot work: heads that do not split
     over the group, a world that is not a whole number of groups, rows that do not split evenly, eager attention, and
@@ -45,15 +59,13 @@ def check_sequence_parallel(cfg: RunConfig, config, attn: str, world: int) -> No
     size = cfg.train.sequence_parallel_size
     if size == 1:
         return
-    text = config.get_text_config()
-    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    if heads % size:
-        raise TrainError(f"train.sequence_parallel_size {size} does not divide the model's {heads} attention heads "
-                         "(each rank of a group computes heads / size of them); use a divisor of "
-                         f"{heads}: {', '.join(str(d) for d in range(1, heads + 1) if heads % d == 0)}")
-    if kv % size and size % kv:
-        raise TrainError(f"train.sequence_parallel_size {size} and the model's {kv} key/value heads: one must divide "
-                         f"the other (DeepSpeed splits or replicates them); use a divisor or multiple of {kv}")
+    sizes = sequence_parallel_sizes(config)
+    if size not in sizes:
+        heads, kv = head_counts(config)
+        why = (f"does not divide the model's {heads} attention heads (each rank of a group computes heads / size of "
+               "them)" if heads % size else f"and the model's {kv} key/value heads: one must divide the other "
+               "(DeepSpeed splits or replicates them)")
+        raise TrainError(f"train.sequence_parallel_size {size} {why}; use one of {', '.join(map(str, sizes))}")
     if world % size:
         raise TrainError(f"{world} process(es) is not a multiple of train.sequence_parallel_size {size}; launch a "
                          f"multiple of {size} processes (data parallelism runs over the rest)")
