@@ -26,21 +26,31 @@ def train_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def train_cmd(run: Path, *sets: str, nproc: int = 1, resume: str | None = None) -> list[str]:
+def train_cmd(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, port: int | None = None) -> list[str]:
     """The command line of a ``configs/cpu_tiny.yaml`` run into ``run``: plain ``python`` for one process, the
-    ``deepspeed`` launcher for more."""
-    launcher = [PY] if nproc == 1 else [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port())]
+    ``deepspeed`` launcher (on ``port``, a free one by default) for more."""
+    launcher = [PY] if nproc == 1 else [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port or free_port())]
     cmd = launcher + ["train.py", "--config", "configs/cpu_tiny.yaml", "--set", f"output.dir={run}"]
     for s in sets:
         cmd += ["--set", s]
     return cmd + (["--resume", resume] if resume else [])
 
 
+def shm_left(port: int) -> list[Path]:
+    """DeepSpeed shared-memory workspaces of the run on ``port`` still in /dev/shm (``training.runtime``
+    unlinks them; each would hold 66 MiB of RAM until the machine reboots)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def train(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, check: bool = True,
           **env: str) -> subprocess.CompletedProcess:
-    """Run ``train_cmd`` to the end; with ``check``, a failed run fails the test with its output's tail."""
-    r = subprocess.run(train_cmd(run, *sets, nproc=nproc, resume=resume), cwd=ROOT, env=train_env(**env),
-                       capture_output=True, text=True, timeout=600)
+    """Run ``train_cmd`` to the end; with ``check``, a failed run fails the test with its output's tail. A
+    multi-process run that succeeded must leave no shared-memory workspace behind."""
+    port = free_port()
+    r = subprocess.run(train_cmd(run, *sets, nproc=nproc, resume=resume, port=port), cwd=ROOT,
+                       env=train_env(**env), capture_output=True, text=True, timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    if nproc > 1 and r.returncode == 0:
+        assert not shm_left(port), f"shared memory left in /dev/shm: {shm_left(port)}"
     return r

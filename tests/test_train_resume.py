@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, losses, train, train_cmd, train_env
+from tests.helpers import ROOT, losses, shm_left, train, train_cmd, train_env
+from utils.cli import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +73,9 @@ def test_two_process_deepspeed_lora_loss_falls_under_zero2(reference2):
 def _kill_at_random_step(run: Path, *sets: str, nproc: int, seed: int) -> int:
     """Start a run, SIGKILL its whole process group once a randomly chosen step has been logged."""
     target = random.Random(seed).randint(4, 8)
-    proc = subprocess.Popen(train_cmd(run, *sets, nproc=nproc), cwd=ROOT, env=train_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = subprocess.Popen(train_cmd(run, *sets, nproc=nproc, port=port), cwd=ROOT, env=train_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -82,6 +84,7 @@ def _kill_at_random_step(run: Path, *sets: str, nproc: int, seed: int) -> int:
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not shm_left(port)  # unlinked at start-up, so a killed run leaves no shared memory either
     return len(metrics.read_text().splitlines())
 
 

@@ -67,7 +67,27 @@ def init_distributed(dev: torch.device) -> tuple[int, int]:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     deepspeed.init_distributed(dist_backend=backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank_, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if backend == "gloo" and world > 1:
+        unlink_shm_workspace(rank_)
+    return rank_, world
+
+
+def shm_workspace(rank_: int) -> Path:
+    """Where DeepSpeed's CPU backend keeps rank ``rank_``'s shared-memory all-reduce workspace (a 66 MiB tmpfs file,
+    created when its launcher sets LOCAL_SIZE to the world size, i.e. every rank on one machine)."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank_}")
+
+
+def unlink_shm_workspace(rank_: int) -> None:
+    """Unlink this rank's shared-memory workspace once every rank has mapped every workspace (the barrier: DeepSpeed
+    maps them all inside ``init_distributed``). DeepSpeed 0.19 never unlinks it, so each multi-process CPU run left
+    66 MiB of RAM per rank in /dev/shm after it ended (13 GiB after one session of tests and benchmarks here, until the
+    kernel's OOM killer stopped a benchmark far below its cap). Unlinked, the mappings stay valid and the memory
+    goes back when the run's last process exits, however it exits (SIGKILL included)."""
+    torch.distributed.barrier()
+    shm_workspace(rank_).unlink(missing_ok=True)
 
 
 # oneDNN (torch's CPU bf16 matmuls) uses no more of the CPU than ONEDNN_MAX_CPU_ISA allows: below AVX512_CORE_BF16 it
