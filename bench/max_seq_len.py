@@ -6,11 +6,12 @@
     python bench/max_seq_len.py --precision fp32                 # both at fp32 (default: each its own default)
     python bench/max_seq_len.py --cap-gib 20 --lengths 16384,32768,65536 --only ours,ours-sp-tiled
                                                                  # long rows: sequence parallelism, tiled MLP
+    python bench/max_seq_len.py --cap-gib 20 --lengths 8192,12288,16384 --only trainer   # the Trainer alone
 
-``--only`` probes the named variants of ours (bench/train_paths.py: ``ours``, ``ours-tiled``, ``ours-sp``,
-``ours-sp-tiled``, ...) instead of the ours-against-Trainer pair, each upward from the first length until its first
-failure, so that no length is skipped unless a shorter one did not fit. ``--lengths`` replaces the powers of two
-and midpoints with the given probe lengths (a sequence-parallel variant trains each cut to a multiple of its size).
+``--only`` probes the named variants (bench/train_paths.py: ``ours``, ``ours-tiled``, ``ours-sp``,
+``ours-sp-tiled``, ``trainer``, ...) instead of the ours-against-Trainer pair, each upward from the first length until
+its first failure, so that no length is skipped unless a shorter one did not fit. ``--lengths`` replaces the powers of
+two and midpoints with the given probe lengths (a sequence-parallel variant trains each cut to a multiple of its size).
 A multi-process variant's peak is the sum of its processes' peaks (each process's own high-water mark; they need not
 peak at the same moment, so the sum is an upper bound of what the machine held at once).
 
@@ -124,7 +125,7 @@ def main() -> None:
                     help="default: ours at its default (auto) against the Trainer's (fp32); fp32 / bf16: both at it")
     ap.add_argument("--lengths", default=None, help="probe exactly these lengths (comma-separated, ascending)")
     ap.add_argument("--only", default=None, metavar="VARIANTS",
-                    help="probe these variants of ours (comma-separated), upward, instead of the ours/Trainer pair")
+                    help="probe these variants (comma-separated), each upward, instead of the ours/Trainer pair")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=None, help="also write the final JSON to this file")
     args = ap.parse_args()
@@ -135,8 +136,7 @@ def main() -> None:
     if args.cap_gib <= 0 or args.threads < 1:
         raise SystemExit("error: --cap-gib must be > 0 and --threads >= 1")
     ours, base = PAIRS[args.precision]
-    only = check_choice(args.only, [v for v, spec in VARIANTS.items() if spec.kind == "ours"], "--only") \
-        if args.only is not None else None
+    only = check_choice(args.only, list(VARIANTS), "--only") if args.only is not None else None
     lengths = probe_lengths(args.min_len, args.max_len) if args.lengths is None else parse_lengths(args.lengths)
     if lengths != sorted(set(lengths)):
         raise SystemExit(f"error: --lengths must be ascending without repeats, got {args.lengths}")

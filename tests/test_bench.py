@@ -63,8 +63,8 @@ def test_max_seq_len_search_and_cap(tmp_path):
                                for p in r["probes"])
 
 
-def test_max_seq_len_only_probes_sequence_parallel_and_tiled_variants_upward(tmp_path):
-    variants = ["ours-tiled", "ours-sp-tiled"]
+def test_max_seq_len_only_probes_the_named_variants_upward(tmp_path):
+    variants = ["ours-tiled", "ours-sp-tiled", "trainer"]
     r = _bench("max_seq_len.py", "--model", "tiny-llama", "--lengths", "256,384", "--cap-gib", "4",
                "--only", ",".join(variants), out=tmp_path / "only.json")
     assert r["longest"] == {v: 384 for v in variants}
