@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from training.runtime import SHM_WORKSPACE_PREFIX
 from utils.cli import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def train_cmd(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, 
 def shm_left(port: int) -> list[Path]:
     """DeepSpeed shared-memory workspaces of the run on ``port`` still in /dev/shm (``training.runtime``
     unlinks them; each would hold 66 MiB of RAM until the machine reboots)."""
-    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    return sorted(Path("/dev/shm").glob(f"{SHM_WORKSPACE_PREFIX}_*_{port}_*"))
 
 
 def train(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, check: bool = True,
@@ -52,5 +53,6 @@ def train(run: Path, *sets: str, nproc: int = 1, resume: str | None = None, chec
     if check and r.returncode != 0:
         raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     if nproc > 1 and r.returncode == 0:
-        assert not shm_left(port), f"shared memory left in /dev/shm: {shm_left(port)}"
+        left = shm_left(port)
+        assert not left, f"shared memory left in /dev/shm: {left}"
     return r

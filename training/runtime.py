@@ -73,11 +73,7 @@ def init_distributed(dev: torch.device) -> tuple[int, int]:
     return rank_, world
 
 
-def shm_workspace(rank_: int) -> Path:
-    """Where DeepSpeed's CPU backend keeps rank ``rank_``'s shared-memory all-reduce workspace (a 66 MiB tmpfs file,
-    created when its launcher sets LOCAL_SIZE to the world size, i.e. every rank on one machine)."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{rank_}")
+SHM_WORKSPACE_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's CPU all-reduce workspace: 66 MiB per rank
 
 
 def unlink_shm_workspace(rank_: int) -> None:
@@ -87,7 +83,9 @@ def unlink_shm_workspace(rank_: int) -> None:
     kernel's OOM killer stopped a benchmark far below its cap). Unlinked, the mappings stay valid and the memory
     goes back when the run's last process exits, however it exits (SIGKILL included)."""
     torch.distributed.barrier()
-    shm_workspace(rank_).unlink(missing_ok=True)
+    # the name DeepSpeed's shm_initialize gives it (created when its launcher sets LOCAL_SIZE to the world size)
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    (Path("/dev/shm") / f"{SHM_WORKSPACE_PREFIX}_{os.getuid()}_{addr}_{port}_{rank_}").unlink(missing_ok=True)
 
 
 # oneDNN (torch's CPU bf16 matmuls) uses no more of the CPU than ONEDNN_MAX_CPU_ISA allows: below AVX512_CORE_BF16 it
