@@ -18,6 +18,7 @@ see ``ropescale.apply`` and ``models.build``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pickle
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from transformers import (
     Qwen2Config,
 )
 
+from ropescale.serving import check_legacy_keys
 from utils.cli import UserError
-from utils.files import atomic_dir, cache_dir
+from utils.files import atomic_dir, cache_dir, json_digest
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,7 +125,10 @@ def resolve(name: str) -> str:
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        return str(_convert_gguf(path.resolve(), cache_dir() / "models" / f"gguf-{path.stem}"))
+        # keyed by the file's identity (path, size, mtime), not its name alone: a rewritten .gguf converts afresh
+        st = path.resolve().stat()
+        key = json_digest([str(path.resolve()), st.st_size, st.st_mtime_ns])[:12]
+        return str(_convert_gguf(path.resolve(), cache_dir() / "models" / f"gguf-{path.stem}-{key}"))
     if path.exists() or name.startswith((".", "/", "~")):
         if not path.is_dir():
             raise ModelLoadError(f"model folder not found: {path} (expected a folder with config.json)")
@@ -154,6 +159,9 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConf
     src = resolve(name)
     if src in TINY_PRESETS:
         return tiny_config(src)
+    if Path(src).is_dir():
+        # transformers 5 takes a rope_scaling key over rope_parameters: a stale copy must not win silently.
+        check_legacy_keys(json.loads((Path(src) / "config.json").read_text()), f"{src}/config.json")
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as e:

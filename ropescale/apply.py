@@ -30,9 +30,11 @@ cannot tell apart (ntk_aware and theta look like a plain model with another base
 against ``rope_parameters`` on every read: a config edited after ropescale wrote it raises rather than lies.
 
 Legacy keys: the top-level ``rope_theta`` is written as well (transformers 5 ignores it when rope_parameters has one;
-loaders before transformers 5 read it, which is all they need for none/ntk_aware/theta). ``rope_scaling`` is not
-written: in transformers 5 it is an alias of ``rope_parameters`` on the config object, and a ``rope_scaling`` key in
-config.json takes precedence over ``rope_parameters`` on load, so a stale copy would silently override later edits.
+loaders before transformers 5 read it). ``rope_scaling`` is not set on the config object (in transformers 5 it is an
+alias of ``rope_parameters``): the exports (train.py's ``merged/``, ``python -m ropescale export``) add it to
+config.json through ``ropescale.serving.serving_config``, and ``models.load.load_config`` refuses a config.json whose
+``rope_scaling`` disagrees with its ``rope_parameters`` (transformers 5 would load the stale one). A yarn type with
+an explicit ``attention_factor`` also gets ``attn_factor``, the key SGLang reads instead (``servers_attn_factor``).
 """
 
 from __future__ import annotations

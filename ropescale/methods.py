@@ -332,15 +332,32 @@ def _hf_dynamic_ntk(p: Params, s: float, L: int, base: float, dim: int) -> dict:
     return {"rope_type": "dynamic", "rope_theta": base, "factor": s}
 
 
+def servers_attn_factor(p: Params, factor: float) -> dict:
+    """``{"attn_factor": a}`` for a yarn type whose explicit ``attention_factor`` differs from the multiplier
+    servers compute without it (``yarn_attention_scale`` of the other keys: 0.1 ln s + 1, or the mscale pair's
+    ratio): SGLang's YaRN never reads ``attention_factor`` and multiplies that default by ``attn_factor`` (vLLM's did
+    the same before it learned the key). ``{}`` otherwise. transformers ignores the key (with a warning);
+    docs/serving.md cites each server's code."""
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        return {}
+    default = yarn_attention_scale(factor, {k: v for k, v in p.items() if k != "attention_factor"})
+    if math.isclose(attention_factor, default, rel_tol=0, abs_tol=1e-12):
+        return {}
+    return {"attn_factor": float(attention_factor) / default}
+
+
 def _hf_by_parts(p: Params, s: float, L: int, base: float, dim: int) -> dict:
     # transformers' yarn type with the temperature switched off is NTK-by-parts (beta_fast = beta, beta_slow = alpha).
     return {"rope_type": "yarn", "rope_theta": base, "factor": s, "beta_fast": float(p["beta"]),
-            "beta_slow": float(p["alpha"]), "attention_factor": 1.0, "truncate": p["truncate"]}
+            "beta_slow": float(p["alpha"]), "attention_factor": 1.0, "truncate": p["truncate"],
+            **servers_attn_factor({"attention_factor": 1.0}, s)}
 
 
 def _hf_yarn(p: Params, s: float, L: int, base: float, dim: int) -> dict:
     return {"rope_type": "yarn", "rope_theta": base, "factor": s,
-            **{k: (v if k == "truncate" else float(v)) for k, v in p.items() if v is not None}}
+            **{k: (v if k == "truncate" else float(v)) for k, v in p.items() if v is not None},
+            **servers_attn_factor(p, s)}
 
 
 def _hf_llama3(p: Params, s: float, L: int, base: float, dim: int) -> dict:

@@ -5,6 +5,7 @@ the dynamic YaRN runtime module."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,7 +115,10 @@ def test_plain_transformers_reload_gives_the_same_logits(round_trip, preset, met
     r = report[str(folder)]
     assert r["rope_parameters"] == model.config.rope_parameters
     assert r["max_position_embeddings"] == model.config.max_position_embeddings
-    assert "rope" not in r["log"].lower(), r["log"]  # transformers accepted every key without a warning
+    # transformers accepted every key without a warning, but attn_factor: the key SGLang reads, which transformers
+    # names as unrecognized and ignores (ropescale.methods.servers_attn_factor)
+    log = r["log"].replace("Unrecognized keys in `rope_parameters` for 'rope_type'='yarn': {'attn_factor'}", "")
+    assert "rope" not in log.lower(), r["log"]
     saved = json.loads((folder / "config.json").read_text())
     assert saved["rope_theta"] == saved["rope_parameters"]["rope_theta"]  # legacy key, consistent
     assert "rope_scaling" not in saved
@@ -172,7 +176,8 @@ def test_written_config_per_method():
     assert apply_rope(config, "dynamic_ntk", 4.0).max_position_embeddings == L  # transformers reads it as L
     by_parts = apply_rope(config, "ntk_by_parts", 4.0, {"alpha": 2, "beta": 16}).rope_parameters
     assert by_parts == {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": L,
-                        "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.0, "truncate": False}
+                        "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.0, "truncate": False,
+                        "attn_factor": pytest.approx(1 / (0.1 * math.log(4) + 1))}
     ntk = apply_rope(config, "ntk_aware", 4.0).rope_parameters
     assert ntk == {"rope_type": "default", "rope_theta": pytest.approx(1e4 * 4 ** (32 / 30))}
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1e4}  # the input is not touched

@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from ropescale.methods import ROPE_METHODS, RopeConfigError, validate_method
+from ropescale.methods import ROPE_METHODS, RopeConfigError, mscale, validate_method
 
 GRID = list(itertools.product([64, 128], [1e4, 1e5, 5e5], [2048, 4096, 8192], range(2, 33)))
 
@@ -56,12 +56,16 @@ def cases(hd: int, base: float, L: int, s: int):
         ("yarn", {}, yarn, L * s, None),
         ("yarn", {"truncate": False, "beta_fast": 16, "beta_slow": 2},
          {**yarn, "truncate": False, "beta_fast": 16.0, "beta_slow": 2.0}, L * s, None),
-        ("yarn", {"attention_factor": 0.8}, {**yarn, "attention_factor": 0.8}, L * s, None),
+        # attn_factor: the key SGLang reads for the multiplier (ropescale.methods.servers_attn_factor).
+        ("yarn", {"attention_factor": 0.8}, {**yarn, "attention_factor": 0.8, "attn_factor": 0.8 / mscale(f)}, L * s,
+         None),
         ("yarn", {"mscale": 0.707, "mscale_all_dim": 1.0}, {**yarn, "mscale": 0.707, "mscale_all_dim": 1.0}, L * s,
          None),
-        ("ntk_by_parts", {}, {**yarn, "attention_factor": 1.0, "truncate": False}, L * s, None),
+        ("ntk_by_parts", {}, {**yarn, "attention_factor": 1.0, "attn_factor": 1 / mscale(f), "truncate": False},
+         L * s, None),
         ("ntk_by_parts", {"alpha": 2, "beta": 16, "truncate": True},
-         {**yarn, "attention_factor": 1.0, "beta_fast": 16.0, "beta_slow": 2.0}, L * s, None),
+         {**yarn, "attention_factor": 1.0, "attn_factor": 1 / mscale(f), "beta_fast": 16.0, "beta_slow": 2.0}, L * s,
+         None),
         # Dynamic YaRN at length n is static YaRN at s = n / L.
         ("dynamic_yarn", {}, {**yarn, "factor": 2.5}, L * s, int(2.5 * L)),
         ("llama3", {}, {"rope_type": "llama3", "rope_theta": base, "factor": f, "original_max_position_embeddings": L,

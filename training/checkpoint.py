@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from configs.schema import RunConfig
+from ropescale.serving import EXACT, write_serving_files
 from training.model import LossModule, tokenizer_of, trainable_model
 from training.runtime import TrainError, log, raise_on_any_rank, rank
 from utils.faults import fault_point
@@ -397,4 +398,8 @@ def write_export(cfg: RunConfig, config, model, trained: dict[str, torch.Tensor]
     tmp = run / ".tmp-merged"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer_of(cfg).save_pretrained(tmp)
+    # The legacy keys older loaders and servers read, and SERVING.md (what each computes of this model).
+    for v in write_serving_files(tmp, config):
+        if v.status != EXACT:
+            log(f"export: {v.loader}: {v.status}: {v.why} (merged/SERVING.md)")
     replace_dir(tmp, run / "merged")
