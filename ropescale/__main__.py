@@ -1,5 +1,6 @@
-"""``python -m ropescale inspect|plan ...``: see ``ropescale.inspect`` and ``ropescale.plan``. Errors exit with
-status 2 and one ``error:`` line.
+"""``python -m ropescale inspect|plan|export ...``: see ``ropescale.inspect``, ``ropescale.plan`` and
+``ropescale.serving`` (export: what each server computes of a model, its config.json legacy keys, a GGUF). Errors
+exit with status 2 and one ``error:`` line.
 
 An entry point, like ``train.py``: it may load models (``models.load``), and nothing imports it.
 """
@@ -15,10 +16,12 @@ from pathlib import Path
 import torch
 
 from eval.candidates import SEARCHES, recommend, score_candidates
+from eval.common import locate
 from eval.perplexity import load_texts
+from models.gguf_export import write_gguf
 from models.load import load_config
 from training.runtime import choose_precision
-from ropescale import inspect, plan
+from ropescale import inspect, plan, serving
 from ropescale.methods import RopeConfigError
 from utils.cli import UserError, exit_process, run_cli
 from utils.files import write_atomic
@@ -100,6 +103,37 @@ def run_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run folder (its merged/), a model folder, or a model name")
+    p.add_argument("--gguf", default=None, metavar="OUT.gguf",
+                   help="write a GGUF file for llama.cpp (Llama architecture; methods it cannot run are refused)")
+    p.add_argument("--write-config", action="store_true",
+                   help="rewrite the folder's config.json with the legacy keys older loaders read (rope_scaling, "
+                        "rope_theta) and write SERVING.md next to it (train.py's merged/ has both already)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
+
+def run_export(a: argparse.Namespace) -> int:
+    src = locate(a.model)["load"]
+    if a.write_config and not (Path(src) / "config.json").is_file():
+        raise UserError(f"export: --write-config rewrites a local folder's config.json; {a.model} is not one")
+    config = load_config(src)
+    if a.write_config:
+        verdicts = serving.write_serving_files(Path(src), config)
+        print(f"export: wrote {src}/config.json (legacy keys) and {src}/SERVING.md")
+    else:
+        verdicts = serving.compatibility(config)
+    for v in verdicts:
+        print(f"{v.loader} ({serving.LOADERS[v.loader]}): {v.status}" + (f": {v.why}" if v.why else ""))
+    result = {"model": src, "verdicts": [vars(v) for v in verdicts]}
+    if a.gguf:
+        result["gguf"] = write_gguf(src, a.gguf)
+        print(f"gguf: {a.gguf} ({result['gguf']['tensors']} tensors; {result['gguf']['how']})")
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ropescale", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,9 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     add_plan_arguments(sub.add_parser("plan", help="which method and scale factor for a target length",
                                       description=plan.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_export_arguments(sub.add_parser("export", help="what each server computes of a model; legacy keys; GGUF",
+                                        description=serving.__doc__,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     if args.command == "plan":
         return run_cli(lambda _: run_plan(args))
+    if args.command == "export":
+        return run_cli(lambda _: run_export(args))
     return run_cli(lambda _: inspect.run(args, load_config))
 
 
