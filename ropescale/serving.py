@@ -71,12 +71,17 @@ def serving_config(raw: dict) -> dict:
     """``raw`` (a config.json dict with ``rope_parameters``) plus the keys older loaders read: ``rope_scaling``
     (equal to rope_parameters less the base, which stays the top-level ``rope_theta``) and, for longrope, a top-level
     ``original_max_position_embeddings`` (transformers 4.57's longrope reads the original length there, and
-    otherwise takes max_position_embeddings, the target, for it)."""
+    otherwise takes max_position_embeddings, the target, for it); a ``partial_rotary_factor`` is mirrored at the top
+    level. A config with one rope dict per layer type is returned as it is."""
     rp = raw.get("rope_parameters")
     if not isinstance(rp, dict) or raw.get("model_type") is None:
         raise RopeConfigError("serving_config needs a config.json dict with model_type and rope_parameters")
     out = dict(raw)
+    if set(rp) & {"full_attention", "sliding_attention"}:
+        return out  # one dict per layer type (Gemma 3): transformers 4 spells these differently; nothing to mirror
     out["rope_theta"] = rp["rope_theta"]
+    if "partial_rotary_factor" in rp:  # transformers 4 reads it at the top level only
+        out["partial_rotary_factor"] = rp["partial_rotary_factor"]
     legacy = legacy_rope_scaling(rp)
     if legacy is None:
         out.pop("rope_scaling", None)

@@ -204,6 +204,12 @@ def test_serving_config_keys_per_method(tmp_path):
             assert raw["rope_scaling"] == {k: v for k, v in rp.items() if k != "rope_theta"}, label
         if method == "longrope":  # transformers 4.57's longrope reads the original length at the top level
             assert raw["original_max_position_embeddings"] == 256
+    phi = {"model_type": "phi", "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0,
+                                                    "partial_rotary_factor": 0.5}}
+    assert serving_config(phi)["partial_rotary_factor"] == 0.5  # transformers 4 reads it at the top level
+    assert serving_config(phi)["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    per_type = {"model_type": "gemma3", "rope_parameters": {"full_attention": {"rope_type": "default"}}}
+    assert serving_config(per_type) == per_type
     with pytest.raises(RopeConfigError, match="needs a config.json dict"):
         serving_config({"rope_scaling": {"rope_type": "linear", "factor": 2.0}})
 

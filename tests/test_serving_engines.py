@@ -3,7 +3,7 @@ transformers 4.57 loads the merged/ of short fine-tuning runs and gives transfor
 length; llama.cpp (llama-cpp-python, compiled here from its source distribution) runs our GGUF of the testbed base
 fine-tuned with YaRN and with linear, per-token log-probabilities at 2x and 4x the native length equal to
 transformers 5's. The engines run in subprocesses started with ``-I`` from a scratch folder: they cannot import this
-project. The first run builds the environments (llama.cpp: about 6 minutes on 2 cores; docs/serving.md)."""
+project. The first run builds the environments (llama.cpp: about 4 minutes on 2 cores; docs/serving.md)."""
 
 from __future__ import annotations
 
