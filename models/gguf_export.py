@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.load import ModelLoadError, load_config, load_model
+from models.load import ModelLoadError, load_config, load_model, resolve
+from ropescale.apply import head_dim_of, partial_rotary_factor_of
 from ropescale.serving import llama_cpp_rope
 from utils.files import atomic_file
 
@@ -35,6 +36,10 @@ def _check_architecture(config, folder: Path) -> None:
                              "which RoPE keys it keeps)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ModelLoadError(f"GGUF export: {folder} has attention or MLP biases, which this writer does not map; use "
+                             "llama.cpp's convert_hf_to_gguf.py")
+    if partial_rotary_factor_of(config) != 1.0:
+        raise ModelLoadError(f"GGUF export: {folder} rotates part of each head (partial_rotary_factor "
+                             f"{partial_rotary_factor_of(config)}), which the llama architecture does not; use "
                              "llama.cpp's convert_hf_to_gguf.py")
     window = getattr(config, "sliding_window", None)
     if window is not None and window < config.max_position_embeddings:
@@ -67,6 +72,9 @@ def _tokenizer(folder: Path, vocab_size: int) -> dict:
             tokens.append(f"[PAD{i}]")
             types.append(5)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp refuses a gpt2 tokenizer without merges ("cannot find tokenizer merges")
+        raise ModelLoadError(f"GGUF export: {path} has no BPE merges (a byte-level vocabulary only), which llama.cpp's "
+                             "BPE tokenizer needs; use a tokenizer with merges")
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
@@ -85,13 +93,16 @@ def write_gguf(folder: str | Path, out: str | Path) -> dict:
     """
     import gguf
 
-    folder, out = Path(folder), Path(out)
+    folder, out = Path(resolve(str(folder))), Path(out)
+    if not folder.is_dir():
+        raise ModelLoadError(f"GGUF export needs a local model folder (a run's merged/, a saved model); {folder} is "
+                             "a hub id or preset: save it with save_pretrained first")
     config = load_config(str(folder))
     _check_architecture(config, folder)
     rope = llama_cpp_rope(config)
     tok = _tokenizer(folder, config.vocab_size)
     model = load_model(str(folder), config=config, dtype=torch.float32)
-    head_dim = config.head_dim
+    head_dim = head_dim_of(config)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tensors = {}
@@ -110,7 +121,6 @@ def write_gguf(folder: str | Path, out: str | Path) -> dict:
     if rope.freq_factors is not None:
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = np.asarray(rope.freq_factors,
                                                                                          dtype=np.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(folder.name)

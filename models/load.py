@@ -161,7 +161,12 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConf
         return tiny_config(src)
     if Path(src).is_dir():
         # transformers 5 takes a rope_scaling key over rope_parameters: a stale copy must not win silently.
-        check_legacy_keys(json.loads((Path(src) / "config.json").read_text()), f"{src}/config.json")
+        try:
+            raw = json.loads((Path(src) / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{src}/config.json is not valid JSON ({e.msg}, line {e.lineno}); restore it from "
+                                 "the run or re-save the model") from None
+        check_legacy_keys(raw, f"{src}/config.json")
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as e:

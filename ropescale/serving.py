@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ropescale.apply import head_dim_of, partial_rotary_factor_of, rope_of
-from ropescale.methods import ROPE_METHODS, RopeConfigError, mscale, rotary_dim
+from ropescale.methods import ROPE_METHODS, RopeConfigError, mscale, rotary_dim, servers_attn_factor
 from utils.files import write_atomic
 
 EXACT, APPROXIMATE, UNSUPPORTED = "exact", "approximate", "unsupported"
@@ -60,6 +60,11 @@ class Verdict:
     why: str = ""
 
 
+def per_layer_type(rope_parameters: dict) -> bool:
+    """Whether ``rope_parameters`` holds one dict per layer type (Gemma 3's full/sliding) instead of one RoPE."""
+    return any(isinstance(v, dict) for v in rope_parameters.values())
+
+
 def legacy_rope_scaling(rope_parameters: dict) -> dict | None:
     """The ``rope_scaling`` dict loaders before transformers 5 read (None for an unscaled ``default`` type)."""
     if rope_parameters.get("rope_type", "default") == "default":
@@ -72,13 +77,17 @@ def serving_config(raw: dict) -> dict:
     (equal to rope_parameters less the base, which stays the top-level ``rope_theta``) and, for longrope, a top-level
     ``original_max_position_embeddings`` (transformers 4.57's longrope reads the original length there, and
     otherwise takes max_position_embeddings, the target, for it); a ``partial_rotary_factor`` is mirrored at the top
-    level. A config with one rope dict per layer type is returned as it is."""
+    level; a yarn type whose explicit attention_factor differs from the servers' default gets ``attn_factor``
+    (``servers_attn_factor``) in both dicts. A config with one rope dict per layer type is returned as it is."""
     rp = raw.get("rope_parameters")
     if not isinstance(rp, dict) or raw.get("model_type") is None:
         raise RopeConfigError("serving_config needs a config.json dict with model_type and rope_parameters")
     out = dict(raw)
-    if set(rp) & {"full_attention", "sliding_attention"}:
+    if per_layer_type(rp):
         return out  # one dict per layer type (Gemma 3): transformers 4 spells these differently; nothing to mirror
+    if rp.get("rope_type") == "yarn":  # the key SGLang reads for the attention factor (idempotent)
+        rp = {**rp, **servers_attn_factor(rp, float(rp["factor"]))}
+        out["rope_parameters"] = rp
     out["rope_theta"] = rp["rope_theta"]
     if "partial_rotary_factor" in rp:  # transformers 4 reads it at the top level only
         out["partial_rotary_factor"] = rp["partial_rotary_factor"]
@@ -93,21 +102,29 @@ def serving_config(raw: dict) -> dict:
 
 
 def check_legacy_keys(raw: dict, where: str) -> None:
-    """Raise ``RopeConfigError`` when config.json (``raw``) has both ``rope_parameters`` and a ``rope_scaling`` that
-    says something else: transformers 5 would load ``rope_scaling`` and silently drop the other. A config with only
-    one of them (every transformers-4 config on the hub has only ``rope_scaling``) passes."""
+    """Raise ``RopeConfigError`` when config.json (``raw``) has ``rope_parameters`` and a legacy copy that says
+    something else: a ``rope_scaling`` (transformers 5 would load it and silently drop the other), or a top-level
+    ``rope_theta`` / ``partial_rotary_factor`` (what transformers 4 reads, and transformers 5 next to a
+    ``rope_scaling``). A config with only one of them (every transformers-4 config on the hub has only
+    ``rope_scaling``) passes."""
     rp, legacy = raw.get("rope_parameters"), raw.get("rope_scaling")
-    if not isinstance(rp, dict) or legacy is None or set(rp) & {"full_attention", "sliding_attention"}:
+    if not isinstance(rp, dict) or per_layer_type(rp):
+        return
+    fix = (f"{where}: delete the legacy keys from it, then `python -m ropescale export FOLDER --write-config` "
+           "writes ones that agree")
+    for key in _NOT_LEGACY:
+        top = raw.get(key, legacy.get(key) if isinstance(legacy, dict) else None)
+        if top is not None and key in rp and top != rp[key]:
+            raise RopeConfigError(f"{where}: the legacy {key} {top} disagrees with rope_parameters' {rp[key]}; {fix}")
+    if legacy is None:
         return
     want = legacy_rope_scaling(rp)
     got = {k: v for k, v in legacy.items() if k not in _NOT_LEGACY} if isinstance(legacy, dict) else legacy
     if isinstance(got, dict) and "type" in got and "rope_type" not in got:
         got = {("rope_type" if k == "type" else k): v for k, v in got.items()}
     if got != want:
-        raise RopeConfigError(
-            f"{where}: rope_scaling {legacy} disagrees with rope_parameters {rp}; transformers 5 would load "
-            "rope_scaling and ignore the other. Delete rope_scaling from it, then `python -m ropescale export FOLDER "
-            "--write-config` writes one that agrees")
+        raise RopeConfigError(f"{where}: rope_scaling {legacy} disagrees with rope_parameters {rp}; transformers 5 "
+                              f"would load rope_scaling and ignore the other. Fix: {fix.split(': ', 1)[1]}")
 
 
 def _record(config) -> dict:
@@ -133,7 +150,8 @@ def compatibility(config) -> list[Verdict]:
                                                     "below it (only ropescale.runtime recomputes s per length)"))
         elif method == "dynamic_ntk" and loader == "vllm":
             out.append(Verdict(loader, UNSUPPORTED, "served unscaled: vLLM's dynamic type sets the base to "
-                                                    "b (s L / L - (s - 1))^(d/(d-2)) = b; use ntk_aware at the same s"))
+                                                    "b (s L / L - (s - 1))^(d/(d-2)) = b; use ntk_aware or yarn "
+                                                    "(one fixed table)"))
         elif method == "dynamic_ntk" and loader == "sglang":
             out.append(Verdict(loader, APPROXIMATE, f"dynamic NTK computed once, at the target length {L * s:g} "
                                                     "(exact there only); use ntk_aware for one fixed table"))
@@ -174,7 +192,7 @@ def llama_cpp_rope(config) -> LlamaCppRope:
     method, s, L, p = cur["method"], cur["factor"], cur["original_max_position_embeddings"], cur["params"]
     spec = ROPE_METHODS[method]
     if spec.length_dependent or method == "dynamic_ntk":
-        instead = {"dynamic_ntk": "ntk_aware at the same s (dynamic NTK's table at the target length)",
+        instead = {"dynamic_ntk": "ntk_aware (one fixed table) or yarn",
                    "dynamic_yarn": "yarn at the same s (what a plain transformers reload runs)",
                    "longrope": "one table: a static method, or LongRoPE's long factors as llama3-style freq factors"}
         raise RopeConfigError(f"llama.cpp cannot run {method}: its table depends on the current length and a GGUF "
@@ -197,7 +215,7 @@ def llama_cpp_rope(config) -> LlamaCppRope:
         if not math.isclose(extra, 1.0, rel_tol=0, abs_tol=1e-12):
             kv["rope.scaling.attn_factor"] = extra
         return LlamaCppRope(kv, None, f"rope.scaling.type yarn, factor {s:g}, original context {L}"
-                                      + (f", attn_factor {extra:.6g}" if len(kv) > 4 else ""))
+                                      + (f", attn_factor {extra:.6g}" if "rope.scaling.attn_factor" in kv else ""))
     # theta_d / inv_freq_d in float64 from the float32 tables: llama.cpp divides its own theta_d by it.
     default, _ = ROPE_METHODS["none"].fn(hd, base, prf, L, 1.0, {})
     factors = (default.double() / inv.double()).tolist()
@@ -244,6 +262,8 @@ def write_serving_files(folder: Path, config) -> list[Verdict]:
     both atomically. Returns the verdicts."""
     path = Path(folder) / "config.json"
     raw = json.loads(path.read_text())
+    # a transformers-4 config.json has rope_scaling only: the loaded config's rope_parameters are the ones to keep
+    raw.setdefault("rope_parameters", dict(config.rope_parameters))
     write_atomic(path, json.dumps(serving_config(raw), indent=2, sort_keys=True) + "\n")
     verdicts = compatibility(config)
     write_atomic(Path(folder) / "SERVING.md", serving_markdown(config, verdicts))

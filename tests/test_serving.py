@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig
 
 from models.gguf_export import write_gguf
-from models.load import ModelLoadError, load_config, load_model
+from models.load import ModelLoadError, load_config, load_model, tiny_tokenizer
 from ropescale.__main__ import main
 from ropescale.apply import apply_rope, head_dim_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError
@@ -234,6 +234,32 @@ def test_a_stale_rope_scaling_is_refused_on_load(tmp_path):
     path.write_text(json.dumps({k: v for k, v in stale.items() if k != "rope_scaling"}))
     assert main(["export", str(folder), "--write-config"]) == 0
     assert json.loads(path.read_text())["rope_scaling"]["factor"] == S
+    # a stale top-level base: transformers 4 reads it, and transformers 5 too next to a rope_scaling
+    path.write_text(json.dumps({**raw, "rope_theta": 5e5}))
+    assert AutoConfig.from_pretrained(folder).rope_parameters["rope_theta"] == 5e5  # the danger is real
+    with pytest.raises(RopeConfigError, match=r"legacy rope_theta 500000.0 disagrees with rope_parameters' 10000.0"):
+        load_config(str(folder))
+    path.write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json is not valid JSON"):
+        load_config(str(folder))
+
+
+def test_legacy_keys_for_configs_ropescale_did_not_write(tmp_path):
+    """A yarn config.json with its own attention_factor (not written by ropescale) gets attn_factor too, and a
+    transformers-4 config.json (rope_scaling only) gets rope_parameters from the loaded config."""
+    rp = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 256,
+          "attention_factor": 0.8}
+    out = serving_config({"model_type": "llama", "rope_parameters": rp})
+    assert out["rope_parameters"]["attn_factor"] == out["rope_scaling"]["attn_factor"] == pytest.approx(
+        0.8 / (0.1 * math.log(4) + 1))
+    assert serving_config(out) == out  # idempotent
+    folder, config = exported(tmp_path, "tiny-llama", "linear", {})
+    raw = json.loads((folder / "config.json").read_text())
+    t4_style = {k: v for k, v in raw.items() if k not in ("rope_parameters", "ropescale")}
+    (folder / "config.json").write_text(json.dumps(t4_style))
+    assert main(["export", str(folder), "--write-config"]) == 0
+    again = json.loads((folder / "config.json").read_text())
+    assert again["rope_parameters"] == {**raw["rope_scaling"], "rope_theta": 1e4}
 
 
 def test_export_command(tmp_path, capsys):
@@ -252,7 +278,9 @@ def test_export_command(tmp_path, capsys):
     assert "llama.cpp cannot run dynamic_ntk" in capsys.readouterr().err
     assert not gguf.exists() and not list(tmp_path.glob(".out.gguf*"))
     assert main(["export", "tiny-llama", "--write-config"]) == 2
-    assert "not" in capsys.readouterr().err
+    assert "is not one" in capsys.readouterr().err
+    assert main(["export", "tiny-llama", "--gguf", str(gguf)]) == 2
+    assert "needs a local model folder" in capsys.readouterr().err
 
 
 # --- GGUF ---------------------------------------------------------------------------------------------------------
@@ -267,16 +295,22 @@ def test_gguf_refuses_what_it_cannot_write(tmp_path):
     load_model("tiny-llama", config=config).save_pretrained(tmp_path / "llama", safe_serialization=True)
     with pytest.raises(ModelLoadError, match="no tokenizer.json"):
         write_gguf(tmp_path / "llama", tmp_path / "l.gguf")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")  # byte-level vocabulary, no merges
+    with pytest.raises(ModelLoadError, match="no BPE merges"):
+        write_gguf(tmp_path / "llama", tmp_path / "l.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.gguf*"))
 
 
-def test_gguf_weights_read_back_by_transformers(tmp_path):
+def test_gguf_weights_read_back_by_transformers(tmp_path, monkeypatch):
     """The testbed base as GGUF, read back by transformers' own GGUF reader (models.load converts a .gguf with it,
     which undoes llama.cpp's q/k pair order its own way): the same logits on the held-out book. Without the
-    reordering of q_proj/k_proj the reader's inverse would scramble the heads."""
+    reordering of q_proj/k_proj the reader's inverse would scramble the heads. Then the tiny Llama preset, whose
+    2 query heads share 1 key/value head (the key rows reordered by their own head count) and whose output head is
+    not tied to the embedding."""
     from data.corpus import load_corpus
     from models.load import load_tokenizer
 
+    monkeypatch.setenv("ROPESCALE_CACHE", str(tmp_path / "cache"))  # the conversion lands there, not in ~/.cache
     info = write_gguf(ROOT / "models" / "testbed", tmp_path / "testbed.gguf")
     assert info["rope"] == {"rope.freq_base": 1e4, "rope.scaling.type": "none"} and not info["rope_freqs"]
     tok = load_tokenizer(str(ROOT / "models" / "testbed"))
@@ -285,6 +319,16 @@ def test_gguf_weights_read_back_by_transformers(tmp_path):
     back = load_model(str(tmp_path / "testbed.gguf"))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
+    config = load_config("tiny-llama")
+    config.tie_word_embeddings, config.vocab_size = False, 4096  # the testbed's tokenizer: a BPE with merges
+    tiny = load_model("tiny-llama", config=config)
+    assert tiny.config.num_key_value_heads < tiny.config.num_attention_heads and not tiny.config.tie_word_embeddings
+    tiny.save_pretrained(tmp_path / "tiny", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "tiny")
+    assert write_gguf(tmp_path / "tiny", tmp_path / "tiny.gguf")["tensors"] == len(tiny.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "tiny.gguf"))(ids).logits, tiny(ids).logits, atol=1e-4,
+                                   rtol=0)
 
 
 # --- the docs -----------------------------------------------------------------------------------------------------

@@ -188,17 +188,19 @@ def test_llama_cpp_runs_the_fine_tuned_gguf_as_trained(testbed_runs, method, mul
 
 
 @pytest.mark.parametrize("method,params", [("ntk_by_parts", {}), ("llama3", {}), ("yarn", {"attention_factor": 0.8}),
-                                           ("ntk_aware", {})])
+                                           ("ntk_aware", {}),
+                                           ("yarn", {"beta_fast": 16, "beta_slow": 2, "truncate": False})])
 def test_llama_cpp_per_pair_table_and_attention_factor(tmp_path, method, params):
     """The testbed base, training-free at s = 4, at 1024 tokens: NTK-by-parts and Llama 3 through a rope_freqs
-    tensor, YaRN with its own attention factor through rope.scaling.attn_factor, NTK-aware as a base."""
+    tensor, YaRN with its own attention factor through rope.scaling.attn_factor, NTK-aware as a base, YaRN with
+    other betas through rope_freqs and attn_factor together."""
     config = apply_rope(load_config(str(TESTBED)), method, 4.0, params)
-    folder = tmp_path / method
+    folder = tmp_path / "model"
     load_model(str(TESTBED), config=config).save_pretrained(folder, safe_serialization=True)
     load_tokenizer(str(TESTBED)).save_pretrained(folder)
     write_serving_files(folder, config)
     info = write_gguf(folder, tmp_path / "m.gguf")
-    assert info["rope_freqs"] == (method in ("ntk_by_parts", "llama3"))
+    assert info["rope_freqs"] == (method in ("ntk_by_parts", "llama3") or "beta_fast" in params)
     ids = book_ids(folder, 4 * L)
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     report = engine("llama.cpp", LLAMA_CPP_SCRIPT, str(tmp_path / "m.gguf"), str(tmp_path / "ids.json"),

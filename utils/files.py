@@ -36,6 +36,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# The process's umask, read once (reading it means setting it, briefly, for every thread).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (parents created) to write; on success it is renamed to ``path``, on
@@ -44,11 +49,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the file gets the permissions open() would give
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; the file gets the permissions open() would give
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
