@@ -122,43 +122,43 @@ def write_gguf(folder: str | Path, out: str | Path) -> dict:
         tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = np.asarray(rope.freq_factors,
                                                                                          dtype=np.float32)
     with atomic_file(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
-        w.add_name(folder.name)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        w.add_context_length(config.max_position_embeddings)
-        w.add_embedding_length(config.hidden_size)
-        w.add_block_count(config.num_hidden_layers)
-        w.add_feed_forward_length(config.intermediate_size)
-        w.add_head_count(n_heads)
-        w.add_head_count_kv(n_kv)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_rope_dimension_count(head_dim)
-        w.add_layer_norm_rms_eps(config.rms_norm_eps)
-        w.add_vocab_size(config.vocab_size)
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_name(folder.name)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(n_heads)
+        writer.add_head_count_kv(n_kv)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
         for key, value in rope.kv.items():
             full = f"llama.{key}"
             if isinstance(value, str):
-                w.add_string(full, value)
+                writer.add_string(full, value)
             elif isinstance(value, int):
-                w.add_uint32(full, value)
+                writer.add_uint32(full, value)
             else:
-                w.add_float32(full, float(value))
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tok["tokens"])
-        w.add_token_types(tok["types"])
-        w.add_token_merges(tok["merges"])
-        for key, setter in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                            ("pad_token_id", w.add_pad_token_id)):
+                writer.add_float32(full, float(value))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tok["tokens"])
+        writer.add_token_types(tok["types"])
+        writer.add_token_merges(tok["merges"])
+        for key, setter in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                            ("pad_token_id", writer.add_pad_token_id)):
             value = getattr(config, key, None)
             if isinstance(value, int):
                 setter(value)
         for name, array in tensors.items():
-            w.add_tensor(name, array)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return {"path": str(out), "tensors": len(tensors), "rope": dict(rope.kv),
             "rope_freqs": rope.freq_factors is not None, "how": rope.how}

@@ -110,12 +110,13 @@ def check_legacy_keys(raw: dict, where: str) -> None:
     rp, legacy = raw.get("rope_parameters"), raw.get("rope_scaling")
     if not isinstance(rp, dict) or per_layer_type(rp):
         return
-    fix = (f"{where}: delete the legacy keys from it, then `python -m ropescale export FOLDER --write-config` "
-           "writes ones that agree")
+    fix = ("delete the legacy keys from it, then `python -m ropescale export FOLDER --write-config` writes ones that "
+           "agree")
     for key in _NOT_LEGACY:
         top = raw.get(key, legacy.get(key) if isinstance(legacy, dict) else None)
         if top is not None and key in rp and top != rp[key]:
-            raise RopeConfigError(f"{where}: the legacy {key} {top} disagrees with rope_parameters' {rp[key]}; {fix}")
+            raise RopeConfigError(f"{where}: the legacy {key} {top} disagrees with rope_parameters' {rp[key]}; "
+                                  f"{fix}")
     if legacy is None:
         return
     want = legacy_rope_scaling(rp)
@@ -124,7 +125,7 @@ def check_legacy_keys(raw: dict, where: str) -> None:
         got = {("rope_type" if k == "type" else k): v for k, v in got.items()}
     if got != want:
         raise RopeConfigError(f"{where}: rope_scaling {legacy} disagrees with rope_parameters {rp}; transformers 5 "
-                              f"would load rope_scaling and ignore the other. Fix: {fix.split(': ', 1)[1]}")
+                              f"would load rope_scaling and ignore the other. Fix: {fix}")
 
 
 def _record(config) -> dict:
@@ -191,7 +192,7 @@ def llama_cpp_rope(config) -> LlamaCppRope:
     cur = _record(config)
     method, s, L, p = cur["method"], cur["factor"], cur["original_max_position_embeddings"], cur["params"]
     spec = ROPE_METHODS[method]
-    if spec.length_dependent or method == "dynamic_ntk":
+    if spec.length_dependent:
         instead = {"dynamic_ntk": "ntk_aware (one fixed table) or yarn",
                    "dynamic_yarn": "yarn at the same s (what a plain transformers reload runs)",
                    "longrope": "one table: a static method, or LongRoPE's long factors as llama3-style freq factors"}
