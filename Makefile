@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
-# Both create .venv if it is missing. Run everything from the repository root (see README: Layout).
+# Both create .venv if it is missing. Run everything from the repository root (see docs/architecture.md).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin

@@ -52,11 +52,11 @@ from training.runtime import (
     log,
     peak_memory_gib,
     raise_on_any_rank,
-    rank,
     shutdown,
 )
 from utils.cli import exit_process, run_cli
 from utils.faults import fault_point
+from utils.log import rank
 
 
 class Recipe:
@@ -211,7 +211,8 @@ class Recipe:
         """The config's ``eval:`` section on the merged model (rank 0): results in ``<run>/eval/``, summary metrics
         in ``<run>/eval/summary.json`` and the W&B run's summary."""
         if self.cfg.eval is not None and self.rank == 0:
-            self.metrics.record_eval(evaluate_run(self.cfg, self.run), self.run / "eval")
+            summary, files = evaluate_run(self.cfg, self.run)
+            self.metrics.record_eval(summary, files, self.run / "eval")
         self.metrics.finish()
         torch.distributed.barrier()
 

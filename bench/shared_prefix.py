@@ -37,8 +37,7 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.runtime import machine  # noqa: E402
-from eval.common import DTYPES  # noqa: E402
-from eval.passkey import parse_depths  # noqa: E402
+from eval.common import DTYPES, parse_depths  # noqa: E402
 from eval.ruler import evaluate_ruler, task_of  # noqa: E402
 from models.load import load_model, load_tokenizer  # noqa: E402
 from utils.cli import exit_process  # noqa: E402

@@ -8,19 +8,17 @@ applies ``--set section.key=value`` overrides (values parsed as YAML), and valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from data.config import DataConfig
+from eval.registry import EVAL_TASKS
 from utils.cli import UserError
-from utils.schema import StrictModel, validate
+from utils.schema import MAX_TOKENS, StrictModel, validate
 
 
-MAX_TOKENS = 2**24  # 16M tokens: the bound on any length or position count in a config
-Length = Annotated[int, Field(ge=2, le=MAX_TOKENS)]
-Depth = Annotated[float, Field(ge=0.0, le=1.0)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
@@ -171,31 +169,30 @@ class WandbSection(StrictModel):
     """Run tags."""
 
 
-# eval/ruler.py's task names (tests/test_eval_ruler.py checks that the two lists agree)
-RulerTask = Literal["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+class EvalSectionBase(StrictModel):
+    """The ``eval:`` section: one optional sub-section per evaluation task of eval/registry.py, named after the task
+    (``eval.perplexity``, ``eval.passkey``, ``eval.ruler``), whose keys are that task's settings (the same names as
+    its command's options). A task whose sub-section is present runs on the merged model after training."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, raw):
+        # The flat keys of older configs (eval.passkey_lengths, ...) are refused with the key that replaced them.
+        if isinstance(raw, dict):
+            for name, task in EVAL_TASKS.items():
+                for old, new in task.renamed.items():
+                    if old in raw and old != name:
+                        raise ValueError(f"eval.{old} is now eval.{name}.{new} (one eval: sub-section per task, "
+                                         f"e.g. eval: {{{name}: {{{new}: ...}}}}); rename it")
+        return raw
 
 
-class EvalSection(StrictModel):
-    perplexity_lengths: list[Length] = []
-    """Lengths for perplexity on the held-out split after training (empty: skip)."""
-    perplexity_mode: Literal["sliding", "truncate"] = "sliding"
-    """Perplexity definition (see eval/perplexity.py)."""
-    stride: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
-    """Sliding-window stride; default half the length."""
-    passkey_lengths: list[Length] = []
-    """Lengths for passkey retrieval (empty: skip)."""
-    passkey_depths: list[Depth] = [0.0, 0.25, 0.5, 0.75, 1.0]
-    """Relative depths of the key in the prompt."""
-    passkey_trials: int = Field(default=2, ge=1, le=10**4)
-    """Trials per (length, depth)."""
-    ruler_lengths: list[Length] = []
-    """Lengths for the RULER-style suite (eval/ruler.py; empty: skip)."""
-    ruler_tasks: list[RulerTask] = list(get_args(RulerTask))
-    """Its tasks (default: all seven)."""
-    ruler_depths: list[Depth] = [0.0, 0.5, 1.0]
-    """Needle depths for the tasks that have one."""
-    ruler_samples: int = Field(default=1, ge=1, le=10**4)
-    """Prompts per (task, length, depth)."""
+EvalSection = create_model(
+    "EvalSection",
+    __base__=EvalSectionBase,
+    **{name: (task.settings | None, Field(default=None, description=task.description))
+       for name, task in EVAL_TASKS.items()},
+)
 
 
 class OutputSection(StrictModel):
@@ -219,7 +216,8 @@ class RunConfig(StrictModel):
     wandb: WandbSection = WandbSection()
     """Weights & Biases logging."""
     eval: EvalSection | None = None
-    """Evaluation of the merged model after training; omitted: no evaluation."""
+    """Evaluation of the merged model after training, one sub-section per task (``eval.passkey``, ...); omitted: no
+    evaluation."""
     output: OutputSection
     """Where the run is written."""
 

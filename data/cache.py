@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data.config import DataConfig
-from utils.files import cache_dir, json_digest
+from utils.files import cache_dir, json_digest, user_path
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -30,7 +30,7 @@ META = "meta.json"
 def cache_root(cfg: DataConfig) -> Path:
     """``cfg.cache_dir`` or ``$ROPESCALE_CACHE/packed``."""
     if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
+        return user_path(cfg.cache_dir)
     return cache_dir() / "packed"
 
 

@@ -28,7 +28,6 @@ CLI: ``python -m data pack --model smollm2-135m --seq-len 8192 [--mode reset] [-
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from data.stats import format_stats, packing_stats
 from data.tokenize import special_ids, tokenize_texts, tokenizer_fingerprint
 from utils.faults import fault_point
 from utils.files import atomic_dir, write_json
+from utils.log import Log
 from utils.schema import validate
 
 IGNORE_INDEX = -100
@@ -48,8 +48,7 @@ ARRAYS = ("input_ids", "labels", "position_ids")
 _ROWS_PER_BLOCK = 1024
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = Log("data", err=True)
 
 
 # ----------------------------------------------------------------------------------------------- pure packing steps
@@ -160,9 +159,9 @@ def tokenized_documents(cfg: DataConfig, tokenizer, root: Path, key: str) -> Pat
     (int32 [D], the source index of each document) and ``meta.json`` (per-source read stats). Built once per key."""
     final = root / "tokens" / key
     if is_complete(final):
-        _log(f"data: reusing tokenized documents {final} (same sources and tokenizer; nothing tokenized)")
+        log(f"reusing tokenized documents {final} (same sources and tokenizer; nothing tokenized)")
         return final
-    _log(f"data: tokenizing into {final}")
+    log(f"tokenizing into {final}")
     with atomic_dir(final, keep_existing=True) as tmp:
         docs, source_of, source_stats = [], [], []
         for i, spec in enumerate(cfg.sources):
@@ -231,11 +230,11 @@ def build_packed(cfg: DataConfig, tokenizer) -> PackedDataset:
     final = root / "rows" / rows_key(cfg, tkey, (bos, eos))
     if is_complete(final):
         ds = PackedDataset(final, cfg)
-        _log(f"data: reusing cached packed set {final} (same key; nothing read or tokenized)")
-        _log(format_stats(ds.stats))
+        log(f"reusing cached packed set {final} (same key; nothing read or tokenized)")
+        log(format_stats(ds.stats))
         return ds
     tok_dir = tokenized_documents(cfg, tokenizer, root, tkey)
-    _log(f"data: packing into {final}")
+    log(f"packing into {final}")
     with atomic_dir(final, keep_existing=True) as tmp:
         per_source, source_stats, short, short_tokens = _filtered_documents(tok_dir, cfg)
         docs = [a for kept in per_source for a in kept]
@@ -253,7 +252,7 @@ def build_packed(cfg: DataConfig, tokenizer) -> PackedDataset:
         write_json(tmp / "stats.json", stats, indent=2)
         write_json(tmp / META, {"key": final.name, "tokens_key": tkey, "config": cfg.model_dump(), "stats": stats},
                    indent=2)
-    _log(format_stats(stats))
+    log(format_stats(stats))
     return PackedDataset(final, cfg)
 
 

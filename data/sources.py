@@ -29,7 +29,7 @@ from pathlib import Path
 
 from data.config import DataError, SourceSpec
 from data.corpus import load_corpus, manifest
-from utils.files import file_sha256
+from utils.files import file_sha256, user_path
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 _REPLACEMENT = "\ufffd"
@@ -90,7 +90,7 @@ def expand_files(path: str) -> list[Path]:
         if not files:
             raise DataError(f"no {'/'.join(SUFFIXES)} files match '{path}'")
         return files
-    p = Path(path).expanduser()
+    p = user_path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.name.endswith(SUFFIXES) and not f.is_dir())
         if not files:
@@ -262,10 +262,10 @@ def source_fingerprint(spec: SourceSpec) -> list:
 
         return [fingerprint(spec.name)]
     root = spec.path if spec.kind == "files" else spec.name
-    if spec.kind == "hub" and not Path(root).expanduser().exists():
+    if spec.kind == "hub" and not user_path(root).exists():
         return []
     if spec.kind == "hub":
-        files = sorted(f for f in Path(root).expanduser().rglob("*") if f.is_file())
+        files = sorted(f for f in user_path(root).rglob("*") if f.is_file())
     else:
         files = expand_files(root)
     return [[str(f.resolve()), _file_digest(f)] for f in files]

@@ -8,16 +8,17 @@
 
 ``--rope METHOD --factor S`` applies a ``ropescale`` method to the model's config before it is built (training-free
 mode); several methods, comma-separated, are evaluated one after the other, each into its own result folder.
-Results go to ``<out>/<slug>/`` (``--out``, default ``results``), one folder per evaluated model, so that passkey and
-perplexity results of one model sit side by side for ``eval.compare``.
+Results go to ``<out>/<slug>/`` (``--out``, default ``runs/eval``, which git ignores: ``results/`` holds only what the
+project publishes), one folder per evaluated model, so that the results of every task on one model sit side by side
+for ``eval.compare``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,8 +32,12 @@ from models.load import load_config, load_tokenizer
 from ropescale.apply import rope_of
 from ropescale.methods import ROPE_METHODS
 from utils.cli import UserError
+from utils.files import save_figure, user_path
+from utils.log import Log
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+log = Log("eval", err=True)
+"""Progress goes to stderr, so that stdout's last line can be the --json result."""
 
 
 class EvalError(UserError):
@@ -59,6 +64,17 @@ def parse_int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def parse_depths(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]; EvalError unless every value is a number in [0, 1]."""
+    try:
+        depths = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"--depths must be comma-separated numbers in [0, 1], e.g. 0,0.5,1; got '{text}'") from None
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise EvalError(f"--depths must be numbers in [0, 1], got '{text}'")
+    return depths
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The options shared by eval.passkey and eval.perplexity."""
     g = parser.add_argument_group("model")
@@ -73,7 +89,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="weights and activations dtype (bfloat16 is faster on CPUs with bf16 units; logits "
                         "are upcast to fp32 either way)")
     o = parser.add_argument_group("output")
-    o.add_argument("--out", default="results", help="parent folder of the result folders (default: results)")
+    o.add_argument("--out", default="runs/eval", help="parent folder of the result folders (default: runs/eval)")
     o.add_argument("--json", action="store_true", help="print the whole result as one JSON object on the last line")
     o.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -104,7 +120,7 @@ def model_variants(args: argparse.Namespace) -> list[dict]:
 
 def locate(spec: str) -> dict:
     """Where ``--model`` points: ``{"load": what to load, "run_dir": run folder or None}``."""
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if path.is_dir():
         if (path / "merged").is_dir():
             if not (path / "merged" / "config.json").is_file():
@@ -141,8 +157,8 @@ def load_eval_model(spec: str, variant: dict, dtype: str = "float32") -> EvalMod
     model = build_model(where["load"], config, dtype=DTYPES[dtype])
     tokenizer = load_tokenizer(where["load"])
     fine_tuned = where["run_dir"] is not None
-    is_dir = Path(spec).expanduser().is_dir()
-    base = (where["run_dir"] or Path(spec).expanduser().resolve()).name if is_dir else spec
+    is_dir = user_path(spec).is_dir()
+    base = (where["run_dir"] or user_path(spec).resolve()).name if is_dir else spec
     method, factor = rope["method"], float(rope["factor"])
     info = dict(
         model=spec,
@@ -190,16 +206,49 @@ def draw_grid(ax, lengths: list[int], rows: list[tuple[str, object]], values: di
     return im
 
 
+def plot_lines(entries: list[tuple[dict, dict]], values: str, ylabel: str, title: str, path: Path,
+               unit_range: bool = False) -> None:
+    """``result[values]`` ({length: value}) against length, one line per (model info, result) of ``entries``, into
+    ``path``. ``unit_range``: a score in [0, 1] (fixed axis); otherwise a log axis when the values spread over more
+    than 10x (a method that breaks down would flatten the others). Shared by the tasks' ``plot`` for eval.compare."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7 if len(entries) <= 8 else 9.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    # One colour per (method, factor), so a fine-tuned run (solid) and its training-free twin (dashed) pair up.
+    keys = list(dict.fromkeys((m["method"], m["factor"]) for m, _ in entries))
+    palette = matplotlib.colormaps["tab10" if len(keys) <= 10 else "tab20"].colors
+    for m, result in entries:
+        pts = sorted((int(k), v) for k, v in result[values].items() if v is not None and math.isfinite(v))
+        color = palette[keys.index((m["method"], m["factor"])) % len(palette)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if m["fine_tuned"] else "--",
+                color=color, label=m["label"])
+    originals = sorted({m["original_context"] for m, _ in entries if m["original_context"]})
+    for i, L in enumerate(originals):
+        ax.axvline(L, color="grey", linestyle=":", label="original context" if i == 0 else None)
+    length_axis(ax, sorted({int(k) for _, result in entries for k in result[values]}))
+    found = [v for _, result in entries for v in result[values].values() if v is not None]
+    if unit_range:
+        ax.set_ylim(-0.03, 1.03)
+    elif found and max(found) > 10 * min(found):
+        ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (dashed: training-free)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    if len(entries) <= 8:
+        ax.legend(fontsize=8)
+    else:  # outside the axes, where it hides no line
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(fig, path)
+
+
 def grid_figure(lengths: list[int], rows: int):
     """A matplotlib Figure sized for one ``draw_grid`` heatmap of ``rows`` rows and a colorbar."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(2.4 + 0.9 * len(lengths), 1.4 + 0.35 * rows), layout="constrained")
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr, so that stdout's last line can be the --json result."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 class Timer:
@@ -247,21 +296,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def add_decoding_args(parser: argparse.ArgumentParser) -> None:
-    """The option shared by the commands that decode answers (eval.passkey, eval.ruler)."""
-    parser.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
-                        help="prefill every prompt in full instead of reusing the KV cache of the prefix it shares "
-                             "with the previous prompt (the answers are the same up to rounding; this is slower)")
-
-
-def shared_prefix_for(args: argparse.Namespace, info: dict) -> bool:
-    """Whether ``SharedPrefix`` reuses prefixes for this model: unless ``--no-shared-prefix``, or unless its RoPE
-    method's table depends on the sequence length (then the reuse would not be exact; said on stderr)."""
-    if args.shared_prefix and ROPE_METHODS[info["method"]].length_dependent:
+def shared_prefix_for(wanted: bool, info: dict) -> bool:
+    """Whether ``SharedPrefix`` reuses prefixes for this model: if ``wanted`` (the task's ``shared_prefix``
+    setting), unless its RoPE method's table depends on the sequence length (then the reuse would not be exact; said
+    on stderr)."""
+    if wanted and ROPE_METHODS[info["method"]].length_dependent:
         log(f"{info['method']}: its RoPE table depends on the sequence length, so every prompt is prefilled in full "
             "(no shared-prefix reuse)")
         return False
-    return args.shared_prefix
+    return wanted
 
 
 class SharedPrefix:

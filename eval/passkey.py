@@ -22,30 +22,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from data.prompts import FILLER, KEY_LINE, PROMPT_VERSION, QUESTION, TASK, prompt_text
-from eval.common import (
-    EvalError,
-    SharedPrefix,
-    Timer,
-    add_decoding_args,
-    add_model_args,
-    draw_grid,
-    each_model,
-    emit,
-    grid_figure,
-    log,
-    parse_int_list,
-    shared_prefix_for,
-)
+from eval.common import EvalError, EvalModel, SharedPrefix, Timer, draw_grid, grid_figure, log, shared_prefix_for
+from eval.task import EvalTask, task_main
 from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
+from utils.schema import Depth, Length, StrictModel
 
 DEFINITION = (
     "passkey: prompt = task statement, filler (repeated to fill length - max_new_tokens tokens), key line at "
     "depth d (round(d*n) of n filler groups before it), question; greedy decoding of max_new_tokens tokens after "
     "one prefill; correct iff the first run of digits in the answer equals the 5-digit key"
 )
+
+
+class PasskeySettings(StrictModel):
+    """The ``eval.passkey`` section and ``python -m eval.passkey``'s options."""
+
+    lengths: list[Length] = Field(default=[4096, 8192, 16384], min_length=1)
+    """Prompt lengths in tokens (prompt and answer together)."""
+    depths: list[Depth] = Field(default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], min_length=1)
+    """Key depths in [0, 1]."""
+    trials: int = Field(default=2, ge=1, le=10**4)
+    """Prompts (different keys) per (length, depth)."""
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    """Seed of the keys."""
+    max_new_tokens: int = Field(default=10, ge=1, le=4096)
+    """Greedy answer tokens."""
+    shared_prefix: bool = True
+    """Reuse the KV cache of the prefix a prompt shares with the previous one (the answers are the same up to
+    rounding; off: every prompt prefilled in full, slower)."""
 
 
 @dataclass(frozen=True)
@@ -230,52 +238,65 @@ def _merge_previous(path: Path, result: dict) -> dict:
                      old["seconds"] + result["seconds"])
 
 
-def parse_depths(text: str) -> list[float]:
-    try:
-        depths = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EvalError(f"--depths must be comma-separated numbers in [0, 1], e.g. 0,0.5,1; got '{text}'") from None
-    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
-        raise EvalError(f"--depths must be numbers in [0, 1], got '{text}'")
-    return depths
+def run(em: EvalModel, s: PasskeySettings) -> dict:
+    """``EvalTask.run``: passkey retrieval of a loaded model with settings ``s``."""
+    share = shared_prefix_for(s.shared_prefix, em.info)
+    settings = dict(lengths=s.lengths, depths=s.depths, trials=s.trials, seed=s.seed,
+                    max_new_tokens=s.max_new_tokens, shared_prefix=share,
+                    prompt=dict(task=TASK, filler=FILLER, key_line=KEY_LINE, question=QUESTION))
+    log(f"passkey: {em.info['label']} ({em.info['model']})")
+    with torch.inference_mode():
+        raw = evaluate_passkey(em.model, em.tokenizer, s.lengths, s.depths, s.trials, s.seed, s.max_new_tokens, share)
+    return summarize(em.info, settings, raw["cells"], raw["prompt_tokens"], raw["seconds"])
+
+
+def plot(entries: list[tuple[dict, dict]], path: Path) -> None:
+    """``eval.compare``'s picture: the passkey heatmaps side by side (one per run, shared colour scale)."""
+    from matplotlib.figure import Figure
+
+    cols = min(4, len(entries))
+    nrows = -(-len(entries) // cols)
+    fig = Figure(figsize=(3.2 * cols + 0.8, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    im = None
+    for i, (ax, (model, result)) in enumerate(zip(axes.flat, entries)):
+        im = draw_heatmap(ax, result, f"{model['label']}\nacc {result['accuracy']:.0%}")
+        if i % cols:
+            ax.set_ylabel("")
+    for ax in list(axes.flat)[len(entries):]:
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="passkey accuracy")
+    save_figure(fig, path)
+
+
+EVAL_TASK = EvalTask(
+    name="passkey",
+    module=__name__,
+    description="Passkey retrieval: a 5-digit key at a depth of a long prompt, greedy answer (eval/passkey.py).",
+    settings=PasskeySettings,
+    run=run,
+    write=write_passkey,
+    summary=lambda result: {**{f"passkey@{n}": v for n, v in result["by_length"].items()},
+                            "passkey_all": result["accuracy"]},
+    metrics=lambda s: [f"passkey@{n}" for n in sorted(set(s.lengths))] + ["passkey_all"],
+    goal="maximize",
+    objective=lambda s: f"passkey@{max(s.lengths)}",
+    files=("passkey.json", "passkey.md", "passkey.png"),
+    formats=(("passkey", ".0%"),),
+    plot=plot,
+    renamed={"passkey_lengths": "lengths", "passkey_depths": "depths", "passkey_trials": "trials"},
+)
+
+
+def add_append(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing passkey.json of the same model and seed (e.g. fewer depths at 16k)")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.passkey", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--lengths", default="4096,8192,16384", help="prompt lengths in tokens, comma-separated")
-    ap.add_argument("--depths", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
-                    help="key depths in [0, 1], comma-separated")
-    ap.add_argument("--trials", type=int, default=2, help="prompts (different keys) per (length, depth)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the keys")
-    ap.add_argument("--max-new-tokens", type=int, default=10, help="greedy answer tokens")
-    ap.add_argument("--append", action="store_true",
-                    help="merge into an existing passkey.json of the same model and seed (e.g. fewer depths at 16k)")
-    add_decoding_args(ap)
-    args = ap.parse_args(argv)
-    lengths = parse_int_list(args.lengths, "--lengths")
-    depths = parse_depths(args.depths)
-    if args.max_new_tokens < 1:
-        raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    results = []
-    for em in each_model(args):
-        share = shared_prefix_for(args, em.info)
-        settings = dict(lengths=lengths, depths=depths, trials=args.trials, seed=args.seed,
-                        max_new_tokens=args.max_new_tokens, shared_prefix=share,
-                        prompt=dict(task=TASK, filler=FILLER, key_line=KEY_LINE, question=QUESTION))
-        log(f"passkey: {em.info['label']} ({em.info['model']})")
-        with torch.inference_mode():
-            raw = evaluate_passkey(em.model, em.tokenizer, lengths, depths, args.trials, args.seed,
-                                   args.max_new_tokens, share)
-        result = summarize(em.info, settings, raw["cells"], raw["prompt_tokens"], raw["seconds"])
-        folder = Path(args.out) / em.info["slug"]
-        if args.append:
-            result = _merge_previous(folder / "passkey.json", result)
-        write_passkey(result, folder)
-        log(f"passkey: accuracy {result['accuracy']:.0%} -> {folder}/passkey.json")
-        results.append(result)
-    return emit(results, args)
+    return task_main(EVAL_TASK, argv, extra=add_append,
+                     finish=lambda args, folder, result: (_merge_previous(folder / "passkey.json", result)
+                                                          if args.append else result))
 
 
 if __name__ == "__main__":

@@ -19,26 +19,20 @@ averaged in position buckets: how the loss behaves before and past the model's o
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from eval.common import (
-    EvalError,
-    Timer,
-    add_model_args,
-    each_model,
-    emit,
-    log,
-    parse_int_list,
-    length_axis,
-)
+from eval.common import EvalError, EvalModel, Timer, length_axis, log, plot_lines
+from eval.task import EvalTask, task_main
 from models.loss import IGNORE_INDEX, causal_lm_parts, chunked_causal_lm_loss
 from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
+from utils.schema import MAX_TOKENS, Length, StrictModel
 
 MODES = ("sliding", "truncate")
 DEFINITIONS = {
@@ -53,6 +47,47 @@ DEFINITIONS = {
         "(shorter documents skipped); ppl = exp(sum of token NLL / scored tokens)"
     ),
 }
+
+
+class PerplexitySettings(StrictModel):
+    """The ``eval.perplexity`` section and ``python -m eval.perplexity``'s options."""
+
+    lengths: list[Length] = Field(default=[2048, 4096, 8192, 16384, 32768], min_length=1)
+    """Window lengths in tokens."""
+    mode: Literal[MODES] = "sliding"
+    """The perplexity definition (see the module docstring)."""
+    stride: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    """Sliding stride in tokens (sliding only; default: half the length)."""
+    data: list[str] = ["bundled"]
+    """'bundled' (the bundled held-out split, which training never reads), local .txt/.jsonl files or folders, or
+    one dataset name."""
+    split: str = "test"
+    """Dataset split (dataset names only)."""
+    text_field: str = "text"
+    """Text column (datasets, .jsonl)."""
+    max_docs: int | None = Field(default=None, ge=1, le=10**9)
+    """Use at most this many documents."""
+    batch_size: int = Field(default=1, ge=1, le=4096)
+    """Windows per forward."""
+    chunk_size: int = Field(default=1024, ge=1, le=MAX_TOKENS)
+    """Positions per LM-head chunk."""
+    buckets: int = Field(default=16, ge=1, le=4096)
+    """Position buckets of the loss curve over the longest window."""
+    max_tokens: int | None = Field(default=None, ge=2, le=2**40)
+    """Sliding only: score the stream's first N tokens (a quicker estimate; default: all)."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.mode == "truncate" and self.stride is not None:
+            raise ValueError("stride applies to mode sliding only; truncate scores one window per document")
+        if self.stride is not None and self.stride >= min(self.lengths):
+            # stride = length would score each window's first token with no context at all
+            raise ValueError(f"stride must be below the shortest length ({min(self.lengths)}), got {self.stride}")
+        if self.max_tokens is not None and (self.mode != "sliding" or self.max_tokens < max(self.lengths)):
+            raise ValueError(f"max_tokens applies to mode sliding only and must be at least the longest length "
+                             f"({max(self.lengths)}), got {self.max_tokens} with mode {self.mode}")
+        data_source(self.data)
+        return self
 
 
 def plan_windows(n_tokens: int, length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -199,24 +234,35 @@ def evaluate_perplexity(model, tokenizer, texts: list[str], lengths: list[int], 
     )
 
 
+def data_source(data: list[str]) -> str:
+    """What ``data`` names: ``bundled``, ``files`` (every path exists) or ``dataset`` (one name without a suffix);
+    EvalError otherwise."""
+    if data == ["bundled"]:
+        return "bundled"
+    if data and all(Path(d).exists() for d in data):
+        return "files"
+    if len(data) == 1 and not Path(data[0]).suffix:
+        return "dataset"
+    missing = [d for d in data if not Path(d).exists()]
+    raise EvalError(f"--data: file not found: {', '.join(missing)} (give 'bundled', existing files, or one dataset "
+                    "name)")
+
+
 def load_texts(data: list[str], split: str = "test", text_field: str = "text", max_docs: int | None = None,
                ) -> tuple[list[str], str]:
     """The documents to score and a description: ``["bundled"]`` (the bundled held-out split), local files (``.txt``
     = one document; ``.jsonl`` = one document per line, in ``text_field``; a folder = its .txt/.jsonl files), or one
     dataset name for ``datasets.load_dataset``."""
-    if data == ["bundled"]:
+    source = data_source(data)
+    if source == "bundled":
         from data.corpus import load_corpus
 
         docs = load_corpus("heldout")
         texts, desc = [d.text for d in docs], "bundled held-out split (" + ", ".join(d.name for d in docs) + ")"
-    elif all(Path(d).exists() for d in data):
+    elif source == "files":
         texts, desc = _read_files([Path(d) for d in data], text_field), "files: " + ", ".join(data)
-    elif len(data) == 1 and not Path(data[0]).suffix:
-        texts, desc = load_hub_texts(data[0], split, text_field), f"dataset {data[0]} split {split}"
     else:
-        missing = [d for d in data if not Path(d).exists()]
-        raise EvalError(f"--data: file not found: {', '.join(missing)} (give 'bundled', existing files, or one "
-                        "dataset name)")
+        texts, desc = load_hub_texts(data[0], split, text_field), f"dataset {data[0]} split {split}"
     texts = [t for t in texts if t.strip()][:max_docs]
     if not texts:
         raise EvalError(f"--data {' '.join(data)}: no non-empty documents found")
@@ -310,46 +356,49 @@ def write_perplexity(result: dict, folder: Path) -> None:
     write_json(folder / "perplexity.json", result)
 
 
+def run(em: EvalModel, s: PerplexitySettings) -> dict:
+    """``EvalTask.run``: perplexity of a loaded model with settings ``s``."""
+    texts, desc = load_texts(s.data, s.split, s.text_field, s.max_docs)
+    log(f"perplexity: {em.info['label']} ({em.info['model']}), {desc}, mode {s.mode}")
+    with torch.inference_mode():
+        raw = evaluate_perplexity(em.model, em.tokenizer, texts, s.lengths, s.mode, s.stride, s.batch_size,
+                                  s.chunk_size, s.buckets, s.max_tokens)
+    return dict(
+        kind="perplexity", model=em.info,
+        settings=dict(data=desc, mode=s.mode, stride=s.stride, lengths=sorted(set(s.lengths)),
+                      batch_size=s.batch_size, chunk_size=s.chunk_size, max_tokens=s.max_tokens),
+        definition=DEFINITIONS[s.mode], **raw,
+        seconds=round(sum(r["seconds"] for r in raw["results"]), 3),
+    )
+
+
+def plot(entries: list[tuple[dict, dict]], path: Path) -> None:
+    """``eval.compare``'s picture: perplexity against length, one line per run."""
+    modes = sorted({result["settings"]["mode"] for _, result in entries})
+    plot_lines(entries, "ppl", f"perplexity ({', '.join(modes)})", "perplexity by context length", path)
+
+
+EVAL_TASK = EvalTask(
+    name="perplexity",
+    module=__name__,
+    description="Perplexity at long context lengths (sliding windows or truncated documents; eval/perplexity.py).",
+    settings=PerplexitySettings,
+    run=run,
+    write=write_perplexity,
+    summary=lambda result: {f"ppl@{n}": v for n, v in result["ppl"].items()},
+    metrics=lambda s: [f"ppl@{n}" for n in sorted(set(s.lengths))],
+    goal="minimize",
+    objective=lambda s: f"ppl@{max(s.lengths)}",
+    files=("perplexity.json", "perplexity.md", "perplexity.png"),
+    formats=(("ppl@", ".3f"),),
+    describe=lambda result: {"ppl_mode": result["settings"]["mode"]},
+    plot=plot,
+    renamed={"perplexity_lengths": "lengths", "perplexity_mode": "mode", "stride": "stride"},
+)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--data", nargs="+", default=["bundled"],
-                    help="'bundled' (held-out book), local .txt/.jsonl files or folders, or one dataset name")
-    ap.add_argument("--split", default="test", help="dataset split (dataset names only)")
-    ap.add_argument("--text-field", default="text", help="text column (datasets, .jsonl)")
-    ap.add_argument("--max-docs", type=int, default=None, help="use at most this many documents")
-    ap.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="window lengths, comma-separated")
-    ap.add_argument("--mode", choices=MODES, default="sliding", help="perplexity definition (see above)")
-    ap.add_argument("--stride", type=int, default=None, help="sliding stride in tokens (default: length / 2)")
-    ap.add_argument("--batch-size", type=int, default=1, help="windows per forward")
-    ap.add_argument("--chunk-size", type=int, default=1024, help="positions per LM-head chunk")
-    ap.add_argument("--buckets", type=int, default=16, help="position buckets over the longest window")
-    ap.add_argument("--max-tokens", type=int, default=None,
-                    help="sliding: score only the first N tokens of the stream (a quicker estimate; default: all)")
-    args = ap.parse_args(argv)
-    lengths = parse_int_list(args.lengths, "--lengths")
-    if min(lengths) < 2:
-        raise EvalError("--lengths must be at least 2 tokens")
-    texts, desc = load_texts(args.data, args.split, args.text_field, args.max_docs)
-    results = []
-    for em in each_model(args):
-        log(f"perplexity: {em.info['label']} ({em.info['model']}), {desc}, mode {args.mode}")
-        with torch.inference_mode():
-            raw = evaluate_perplexity(em.model, em.tokenizer, texts, lengths, args.mode, args.stride,
-                                      args.batch_size, args.chunk_size, args.buckets, args.max_tokens)
-        result = dict(
-            kind="perplexity", model=em.info,
-            settings=dict(data=desc, mode=args.mode, stride=args.stride, lengths=sorted(set(lengths)),
-                          batch_size=args.batch_size, chunk_size=args.chunk_size, max_tokens=args.max_tokens),
-            definition=DEFINITIONS[args.mode], **raw,
-            seconds=round(sum(r["seconds"] for r in raw["results"]), 3),
-        )
-        folder = Path(args.out) / em.info["slug"]
-        write_perplexity(result, folder)
-        log(f"perplexity: {result['ppl']} -> {folder}/perplexity.json")
-        results.append(result)
-    return emit(results, args)
+    return task_main(EVAL_TASK, argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ sample run one after the other, each reusing the cache of the prefix it shares w
 
 from __future__ import annotations
 
-import argparse
 import functools
 import random
 import re
@@ -44,27 +43,27 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from data.corpus import load_corpus
 from eval.common import (
     EvalError,
+    EvalModel,
     SharedPrefix,
     Timer,
-    add_decoding_args,
-    add_model_args,
     draw_grid,
-    each_model,
-    emit,
     grid_figure,
     log,
-    parse_int_list,
+    plot_lines,
     shared_prefix_for,
 )
-from eval.passkey import parse_depths
+from eval.task import EvalTask, task_main
 from utils.cli import exit_process, run_cli
 from utils.files import save_figure, write_atomic, write_json
+from utils.schema import Depth, Length, StrictModel
 
 VERSION = 2  # 2: the depths of one sample share its haystack (the RNG is seeded without the depth)
 NUMBER_NEEDLE = "The special number for {key} is {value}."
@@ -268,6 +267,30 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
+class RulerSettings(StrictModel):
+    """The ``eval.ruler`` section and ``python -m eval.ruler``'s options."""
+
+    tasks: list[Literal[tuple(TASKS)]] = Field(default=list(TASKS), min_length=1)
+    """The suite's tasks (default: all seven)."""
+    lengths: list[Length] = Field(default=[4096, 8192], min_length=1)
+    """Prompt lengths in tokens."""
+    depths: list[Depth] = Field(default=[0.0, 0.5, 1.0], min_length=1)
+    """Needle depths in [0, 1], for the tasks that have one."""
+    samples: int = Field(default=2, ge=1, le=10**4)
+    """Prompts per (task, length, depth)."""
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    """Seed of the samples."""
+    threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Score for the effective length (default: 0.9 x the score at the longest length within the model's original
+    context)."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template (chat models; default: the plain prompt a base model
+    continues)."""
+    shared_prefix: bool = True
+    """Reuse the KV cache of the prefix a prompt shares with the previous one (the answers are the same up to
+    rounding; off: every prompt prefilled in full, slower)."""
+
+
 # -------------------------------------------------------------------------------------------------- samples
 
 
@@ -469,52 +492,48 @@ def write_ruler(result: dict, folder: Path) -> None:
     write_json(folder / "ruler.json", result)
 
 
-def parse_tasks(text: str) -> list[str]:
-    """``--tasks``: comma-separated task names, each checked, duplicates dropped."""
-    tasks = [task_of(t.strip()).name for t in text.split(",") if t.strip()]
-    if not tasks:
-        raise EvalError(f"--tasks names no task; choose from {', '.join(TASKS)}")
-    return list(dict.fromkeys(tasks))
+def run(em: EvalModel, s: RulerSettings) -> dict:
+    """``EvalTask.run``: the suite on a loaded model with settings ``s``."""
+    tasks = list(dict.fromkeys(s.tasks))
+    share = shared_prefix_for(s.shared_prefix, em.info)
+    settings = dict(tasks=tasks, lengths=s.lengths, depths=s.depths, samples=s.samples, seed=s.seed,
+                    max_new_tokens={t: TASKS[t].max_new_tokens for t in tasks}, shared_prefix=share,
+                    chat_template=s.chat_template)
+    log(f"ruler: {em.info['label']} ({em.info['model']})")
+    with torch.inference_mode():
+        raw = evaluate_ruler(em.model, em.tokenizer, tasks, s.lengths, s.depths, s.samples, s.seed, share,
+                             s.chat_template)
+    return summarize(em.info, settings, raw, s.threshold)
+
+
+def plot(entries: list[tuple[dict, dict]], path: Path) -> None:
+    """``eval.compare``'s picture: the suite's score (mean over tasks) against length, one line per run."""
+    plot_lines(entries, "by_length", "RULER-style score (mean over tasks)", "RULER-style suite by context length",
+               path, unit_range=True)
+
+
+EVAL_TASK = EvalTask(
+    name="ruler",
+    module=__name__,
+    description="The RULER-style synthetic suite: needles, variable tracking, word extraction (eval/ruler.py).",
+    settings=RulerSettings,
+    run=run,
+    write=write_ruler,
+    summary=lambda result: {**{f"ruler@{n}": v for n, v in result["by_length"].items()},
+                            "ruler_effective": result["effective_length"]},
+    metrics=lambda s: [f"ruler@{n}" for n in sorted(set(s.lengths))] + ["ruler_effective"],
+    goal="maximize",
+    objective=lambda s: f"ruler@{max(s.lengths)}",
+    files=("ruler.json", "ruler.md", "ruler_*.png"),
+    formats=(("ruler@", ".2f"),),
+    plot=plot,
+    renamed={"ruler_lengths": "lengths", "ruler_tasks": "tasks", "ruler_depths": "depths",
+             "ruler_samples": "samples"},
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.ruler", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(ap)
-    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
-    ap.add_argument("--lengths", default="4096,8192", help="prompt lengths in tokens, comma-separated")
-    ap.add_argument("--depths", default="0,0.5,1", help="needle depths in [0, 1] for the tasks that have one")
-    ap.add_argument("--samples", type=int, default=2, help="prompts per (task, length, depth)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="score for the effective length (default: 0.9 x the score at the longest length within "
-                         "the model's original context)")
-    ap.add_argument("--chat-template", action="store_true",
-                    help="wrap each prompt in the tokenizer's chat template (chat models; default: the plain prompt "
-                         "a base model continues)")
-    add_decoding_args(ap)
-    args = ap.parse_args(argv)
-    tasks, lengths, depths = parse_tasks(args.tasks), parse_int_list(args.lengths, "--lengths"), parse_depths(
-        args.depths)
-    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
-        raise EvalError(f"--threshold must be in (0, 1], got {args.threshold}")
-    results = []
-    for em in each_model(args):
-        share = shared_prefix_for(args, em.info)
-        settings = dict(tasks=tasks, lengths=lengths, depths=depths, samples=args.samples, seed=args.seed,
-                        max_new_tokens={t: TASKS[t].max_new_tokens for t in tasks}, shared_prefix=share,
-                        chat_template=args.chat_template)
-        log(f"ruler: {em.info['label']} ({em.info['model']})")
-        with torch.inference_mode():
-            raw = evaluate_ruler(em.model, em.tokenizer, tasks, lengths, depths, args.samples, args.seed, share,
-                                 args.chat_template)
-        result = summarize(em.info, settings, raw, args.threshold)
-        folder = Path(args.out) / em.info["slug"]
-        write_ruler(result, folder)
-        log(f"ruler: average {', '.join(f'{k}: {v:.2f}' for k, v in result['by_length'].items())}; effective "
-            f"length {result['effective_length']} -> {folder}/ruler.json")
-        results.append(result)
-    return emit(results, args)
+    return task_main(EVAL_TASK, argv)
 
 
 if __name__ == "__main__":

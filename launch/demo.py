@@ -29,8 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,24 +36,23 @@ import torch
 
 from configs.schema import EvalSection, load_run_config
 from eval import compare
+from eval.registry import EVAL_TASKS
+from eval.task import settings_argv
 from launch.testbed import COMMITTED_DIR, MANIFEST, TestbedError, deepspeed_launcher, file_table
 from training.runtime import choose_precision
 from utils.cli import exit_process, run_cli
+from utils.log import Log
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("pi", "ntk_aware", "ntk_by_parts", "yarn")  # configs/testbed/<name>_4x.yaml
 FACTOR = 4
 DEMO_DIR = Path("runs/demo")
+# The demo's evaluation tasks (eval/registry.py) with the short name of their jobs, from the configs' eval: sections.
+TASKS = {"perplexity": "ppl", "passkey": "passkey"}
 # The small plan (CPUs without bf16 units, where fp32 runs everything 2-3x slower): passkey at 3 depths x 2 trials
 # per length instead of the config's, perplexity on the held-out book's first 32,768 tokens instead of all 135,786.
-SMALL = {"passkey_depths": [0.0, 0.5, 1.0], "passkey_trials": 2, "max_tokens": 32768}
-_print_lock = threading.Lock()
-_T0 = time.perf_counter()
-
-
-def _say(msg: str) -> None:
-    with _print_lock:
-        print(f"[demo {time.perf_counter() - _T0:6.0f}s] {msg}", flush=True)
+SMALL = {"perplexity": {"max_tokens": 32768}, "passkey": {"depths": [0.0, 0.5, 1.0], "trials": 2}}
+log = Log("demo")
 
 
 def _env() -> dict:
@@ -63,16 +60,16 @@ def _env() -> dict:
 
 
 def run_logged(name: str, cmd: list[str]) -> None:
-    """Run ``cmd``, printing each line of its output prefixed with ``name``; raise TestbedError if it fails."""
-    _say(f"{name}: {' '.join(cmd)}")
+    """Run ``cmd``, printing each line of its output tagged with ``name``; raise TestbedError if it fails."""
+    log(f"{name}: {' '.join(cmd)}")
+    echo = Log(name)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), text=True,
                             errors="replace", bufsize=1)
     for line in proc.stdout:
         # tqdm redraws with carriage returns: keep the last state of each line only
         line = line.rstrip("\n").rsplit("\r", 1)[-1]
         if line.strip():
-            with _print_lock:
-                print(f"  [{name}] {line}", flush=True)
+            echo(line)
     if proc.wait() != 0:
         raise TestbedError(f"{name} failed (exit status {proc.returncode}): {' '.join(cmd)}")
 
@@ -116,24 +113,18 @@ def model_out(out: Path, index: int, name: str) -> Path:
 
 def eval_jobs(models: list[tuple[str, list[str]]], e: EvalSection, out: Path, dtype: str = "float32",
               plan: str = "full") -> list[tuple[str, list[str]]]:
-    """(name, command) of every evaluation: perplexity and passkey for each (name, model arguments)."""
-    py = sys.executable
-    depths = SMALL["passkey_depths"] if plan == "small" else e.passkey_depths
-    trials = SMALL["passkey_trials"] if plan == "small" else e.passkey_trials
-
-    def common(i: int, name: str) -> list[str]:
-        return ["--out", str(model_out(out, i, name)), "--threads", "1", "--dtype", dtype]
-
-    prefix = ["--max-tokens", str(SMALL["max_tokens"])] if plan == "small" else []
-    ppl = [(f"ppl {name}", [py, "-m", "eval.perplexity", *m, *common(i, name),
-                            "--lengths", ",".join(map(str, e.perplexity_lengths)), "--mode", e.perplexity_mode,
-                            *prefix] + (["--stride", str(e.stride)] if e.stride else []))
-           for i, (name, m) in enumerate(models)]
-    passkey = [(f"passkey {name}", [py, "-m", "eval.passkey", *m, *common(i, name),
-                                    "--lengths", ",".join(map(str, e.passkey_lengths)),
-                                    "--depths", ",".join(f"{d:g}" for d in depths), "--trials", str(trials)])
-               for i, (name, m) in enumerate(models)]
-    return ppl + passkey  # the long ones first, so that the workers finish together
+    """(name, command) of every evaluation: each task of ``TASKS`` with the config's settings (changed by ``SMALL``
+    on the small plan) for each (name, model arguments), the first task's jobs first (the long ones, so that the
+    workers finish together)."""
+    jobs = []
+    for task_name, short in TASKS.items():
+        task, settings = EVAL_TASKS[task_name], getattr(e, task_name)
+        if plan == "small":
+            settings = task.settings.model_validate({**settings.model_dump(), **SMALL[task_name]})
+        jobs += [(f"{short} {name}", [sys.executable, "-m", task.module, *m, "--out", str(model_out(out, i, name)),
+                                      "--threads", "1", "--dtype", dtype, *settings_argv(settings)])
+                 for i, (name, m) in enumerate(models)]
+    return jobs
 
 
 def demo_models(base: Path, runs: dict[str, Path], methods: dict[str, str]) -> list[tuple[str, list[str]]]:
@@ -180,14 +171,14 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
     plan, why = choose_plan(plan)
     configs = {name: load_run_config(config_path(name)) for name in METHODS}
     e = configs["yarn"].eval
-    if e is None or not e.perplexity_lengths or not e.passkey_lengths:
-        raise TestbedError(f"configs/testbed/yarn_{FACTOR}x.yaml needs an eval: section with perplexity_lengths and "
-                           "passkey_lengths")
-    _say(f"plan: {plan} ({why})")
-    _say("step 1/4: the committed testbed base")
+    if e is None or any(getattr(e, name) is None for name in TASKS):
+        raise TestbedError(f"configs/testbed/yarn_{FACTOR}x.yaml needs an eval: section with "
+                           f"{' and '.join('eval.' + name for name in TASKS)}")
+    log(f"plan: {plan} ({why})")
+    log("step 1/4: the committed testbed base")
     base = check_base().relative_to(ROOT)
-    _say(f"  {base}: every file matches its manifest")
-    _say(f"step 2/4: LoRA fine-tuning at s={FACTOR}, {', '.join(METHODS)}; 2 processes each")
+    log(f"  {base}: every file matches its manifest")
+    log(f"step 2/4: LoRA fine-tuning at s={FACTOR}, {', '.join(METHODS)}; 2 processes each")
     runs = {}
     for name, cfg in configs.items():
         run = DEMO_DIR / f"{name}_{FACTOR}x"
@@ -199,7 +190,7 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
             "--set", f"output.dir={run}", "--set", "eval=null"])
         runs[name] = run
     dtype = eval_dtype()
-    _say(f"step 3/4: evaluations ({parallel} at a time, {dtype})")
+    log(f"step 3/4: evaluations ({parallel} at a time, {dtype})")
     out = DEMO_DIR / "eval"
     if out.exists():
         shutil.rmtree(out)
@@ -209,7 +200,7 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for future in [pool.submit(run_logged, name, cmd) for name, cmd in jobs]:
             future.result()
-    _say("step 4/4: comparison")
+    log("step 4/4: comparison")
     where = DEMO_DIR / "compare"
     result = compare.main([str(model_out(out, i, name)) for i, (name, _) in enumerate(models)] + ["--out", str(where)])
     print()
@@ -220,7 +211,7 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
     for f in result["files"]:
         print(f"  {f}")
     print(f"  per-model results (with loss by position): {out}/*/perplexity.md, passkey.md, *.png")
-    _say("done")
+    log("done")
     return where
 
 

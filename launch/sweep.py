@@ -25,8 +25,8 @@ An interrupted run resumes from its newest complete checkpoint (train.py's ``--r
 ``eval.compare`` over every finished run writes ``compare.md``, ``compare.csv`` and the plots into the sweep folder,
 and ``sweep.json`` records each run's status.
 
-``--training-free`` evaluates the base model under each point's RoPE method and factor (``eval.perplexity`` and
-``eval.passkey`` with ``--rope/--factor``, the base config's ``eval:`` settings) into ``<sweep>/training-free/``;
+``--training-free`` evaluates the base model under each point's RoPE method and factor (each task of the base
+config's ``eval:`` section as its command, ``python -m eval.<task> --rope/--factor``) into ``<sweep>/training-free/``;
 linked keys that only affect training (``data.seq_len`` beside ``rope.factor``) are dropped there. A training sweep's
 table also holds the rows of a training-free sweep already run into its folder, so that one table shows each method
 with and without fine-tuning. ``results.md`` in the sweep folder is the results page: the command, the date, each
@@ -59,14 +59,17 @@ if __package__ in (None, ""):  # `python launch/sweep.py`: make the repository r
 
 from configs.schema import ConfigError, RunConfig, load_run_config, parse_overrides  # noqa: E402
 from training.checkpoint import complete_checkpoints, public_config  # noqa: E402
-from training.evaluate import eval_arguments  # noqa: E402
+from eval.registry import EVAL_TASKS, configured  # noqa: E402
+from eval.task import settings_argv  # noqa: E402
 from utils.cli import exit_process, free_port, run_cli  # noqa: E402
 from utils.files import write_atomic  # noqa: E402
+from utils.log import Log  # noqa: E402
 from utils.schema import StrictModel, validate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "sweep_run.json"
 ROPE_KEYS = ("rope.method", "rope.factor")
+log = Log("sweep")
 
 
 class SweepError(ConfigError):
@@ -256,10 +259,10 @@ def eval_commands(run: Run) -> list[list[str]]:
         model += ["--rope-params", json.dumps(cfg.rope.params)]
     if cfg.rope.original_len:
         model += ["--original-len", str(cfg.rope.original_len)]
-    commands = [["-m", f"eval.{name}", *model, *args] for name, args in eval_arguments(e).items()]
+    commands = [["-m", task.module, *model, *settings_argv(settings)] for task, settings in configured(e)]
     if not commands:
-        raise SweepError("--training-free: the eval: section lists no perplexity_lengths, passkey_lengths or "
-                         "ruler_lengths")
+        raise SweepError("--training-free: the eval: section names no task (one of "
+                         f"{', '.join('eval.' + name for name in EVAL_TASKS)})")
     return commands
 
 
@@ -268,12 +271,6 @@ def signature(run: Run, training_free: bool) -> dict:
     if training_free:
         return {"mode": "training-free", "commands": eval_commands(run)}
     return {"mode": "train", "sets": run.sets}
-
-
-def _eval_kinds(cfg: RunConfig) -> list[str]:
-    e = cfg.eval
-    return [] if e is None else [k for k, lengths in (("perplexity", e.perplexity_lengths),
-                                                      ("passkey", e.passkey_lengths)) if lengths]
 
 
 def results_folder(run: Run, training_free: bool) -> Path:
@@ -294,7 +291,7 @@ def is_finished(run: Run, training_free: bool) -> bool:
     if not training_free and not (run.folder / "merged" / "config.json").is_file():
         return False
     found = results_folder(run, training_free)
-    return all(any(found.rglob(f"{kind}.json")) for kind in _eval_kinds(run.cfg))
+    return all(any(found.rglob(task.result_file)) for task, _ in configured(run.cfg.eval))
 
 
 def state_of(run: Run, training_free: bool) -> str:
@@ -352,10 +349,6 @@ def device_slots(launcher: Launcher, parallel: int) -> list[list[int] | None]:
     return [devices[k * launcher.nproc:(k + 1) * launcher.nproc] for k in range(parallel)]
 
 
-def _say(msg: str) -> None:
-    print(f"[sweep] {msg}", flush=True)
-
-
 def _child_env() -> dict[str, str]:
     """The environment of every child: this one, unbuffered, with the repository importable (``-m eval.*``)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -393,15 +386,15 @@ def execute_run(run: Run, sweep: Sweep, devices: list[int] | None, parallel: int
     log_path = sweep.folder / "logs" / f"{run.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    _say(f"start {run.name} ({state_of(run, sweep.training_free)}); log {log_path}")
-    with open(log_path, "a") as log:
+    log(f"start {run.name} ({state_of(run, sweep.training_free)}); log {log_path}")
+    with open(log_path, "a") as logfile:
         for cmd in run_commands(run, sweep, devices):
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-            log.flush()
+            logfile.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+            logfile.flush()
             with children.lock:
                 if children.stopping:
                     return dict(record, status="interrupted")
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env)
                 children.procs.add(proc)
             rc = proc.wait()
             with children.lock:
@@ -409,13 +402,13 @@ def execute_run(run: Run, sweep: Sweep, devices: list[int] | None, parallel: int
             if rc != 0:
                 tail = [ln for ln in log_path.read_text().splitlines() if ln.strip()][-1:] or [""]
                 status = "interrupted" if children.stopping else "failed"
-                _say(f"{status.upper()} {run.name} (exit {rc}): {tail[0][:300]}  log: {log_path}")
+                log(f"{status.upper()} {run.name} (exit {rc}): {tail[0][:300]}  log: {log_path}")
                 return dict(record, status=status, exit_code=rc, seconds=round(time.monotonic() - start, 1))
     seconds = round(time.monotonic() - start, 1)
     write_atomic(run.folder / MARKER, json.dumps({"signature": signature(run, sweep.training_free),
                                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                    "seconds": seconds}, indent=1) + "\n")
-    _say(f"done {run.name} ({seconds} s)")
+    log(f"done {run.name} ({seconds} s)")
     return dict(record, status="finished", seconds=seconds)
 
 
@@ -425,13 +418,13 @@ def execute(sweep: Sweep, parallel: int, compare: bool = True, command: str = ""
     slots = device_slots(sweep.config.launcher, parallel)
     children = _Children()
     previous = {s: signal.signal(s, children.forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    _say(f"{sweep.config.name}: {len(sweep.runs)} run(s) in {sweep.folder}"
+    log(f"{sweep.config.name}: {len(sweep.runs)} run(s) in {sweep.folder}"
          + (" (training-free)" if sweep.training_free else f" (W&B group {sweep.config.name})"))
     records: dict[str, dict] = {}
     todo = []
     for run in sweep.runs:
         if is_finished(run, sweep.training_free):
-            _say(f"skip {run.name}: finished")
+            log(f"skip {run.name}: finished")
             earlier = json.loads((run.folder / MARKER).read_text())
             records[run.name] = {"name": run.name, "point": run.point, "folder": str(run.folder),
                                  "status": "finished", "skipped": True, "seconds": earlier.get("seconds")}
@@ -467,7 +460,7 @@ def execute(sweep: Sweep, parallel: int, compare: bool = True, command: str = ""
             write_atomic(sweep.folder / "results.md", results_page(sweep, ordered, command))
     write_atomic(sweep.folder / "sweep.json", json.dumps(summary, indent=1) + "\n")
     failed = [r["name"] for r in ordered if r["status"] != "finished"]
-    _say(f"{len(ordered) - len(failed)}/{len(ordered)} run(s) finished" + (f"; not finished: {', '.join(failed)}"
+    log(f"{len(ordered) - len(failed)}/{len(ordered)} run(s) finished" + (f"; not finished: {', '.join(failed)}"
                                                                          if failed else ""))
     if children.stopping:
         return 128 + signal.SIGTERM
@@ -486,18 +479,18 @@ def _training_free_folders(sweep: Sweep) -> list[Path]:
 def compare_runs(sweep: Sweep) -> tuple[list[str] | None, bool]:
     """``eval.compare`` over the finished runs' results into the sweep folder: (files written, ok)."""
     folders = [str(results_folder(r, sweep.training_free)) for r in sweep.runs
-               if is_finished(r, sweep.training_free) and _eval_kinds(r.cfg)]
+               if is_finished(r, sweep.training_free) and configured(r.cfg.eval)]
     folders += [str(d) for d in _training_free_folders(sweep)]
     if not folders:
-        _say("no finished run has eval results (no eval: section?); no comparison table")
+        log("no finished run has eval results (no eval: section?); no comparison table")
         return None, True
     cmd = [sys.executable, "-m", "eval.compare", *folders, "--out", str(sweep.folder), "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if r.returncode != 0:
-        _say(f"eval.compare failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or [''])[-1]}")
+        log(f"eval.compare failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or [''])[-1]}")
         return None, False
     files = json.loads(r.stdout.strip().splitlines()[-1])["files"]
-    _say(f"comparison of {len(folders)} run(s): {', '.join(files)}")
+    log(f"comparison of {len(folders)} run(s): {', '.join(files)}")
     return files, True
 
 
@@ -517,8 +510,7 @@ def results_page(sweep: Sweep, records: list[dict], command: str) -> str:
     lines += [f"| {r['name']} | {r['status']}{' (by an earlier run)' if r.get('skipped') else ''} | "
               f"{r.get('seconds') or ''} |" for r in records]
     lines += ["", (sweep.folder / "compare.md").read_text().rstrip(), ""]
-    lines += [f"![{png.stem}]({png.name})" for png in (sweep.folder / "perplexity.png", sweep.folder / "passkey.png",
-                                                        sweep.folder / "ruler.png") if png.is_file()]
+    lines += [f"![{name}]({name}.png)" for name in EVAL_TASKS if (sweep.folder / f"{name}.png").is_file()]
     return "\n".join(lines) + "\n"
 
 
@@ -559,28 +551,27 @@ def dry_run(sweep: Sweep, gpu_mem_gib: float) -> str:
 
 
 def sweep_metric(sweep: Sweep, metric: str | None) -> dict:
-    """The W&B sweep's objective: ``metric`` (``eval/ppl@L``: minimize; ``eval/passkey@L``, ``eval/ruler@L``:
-    maximize; ``loss``: minimize, though not comparable across scale factors), by default the perplexity at the
-    longest length of the runs' ``eval:`` section. An eval metric must be one every run's in-run evaluation logs
-    (train.py writes it into the W&B run's summary)."""
-    keys = {"ppl": "perplexity_lengths", "passkey": "passkey_lengths", "ruler": "ruler_lengths"}
-    # the lengths every run evaluates, per kind
-    lengths = {kind: set.intersection(*(set(getattr(r.cfg.eval, key)) if r.cfg.eval else set() for r in sweep.runs))
-               for kind, key in keys.items()}
-    if metric is None:
-        if not lengths["ppl"]:
-            raise SweepError("the W&B sweep needs a metric the runs evaluate: add eval.perplexity_lengths (the "
-                             "target length) to the runs' config, or pass --metric loss")
-        metric = f"eval/ppl@{max(lengths['ppl'])}"
+    """The W&B sweep's objective: ``metric`` (``eval/<metric>`` of a task every run's in-run evaluation logs, its
+    ``goal`` saying minimize or maximize; or ``loss``: minimize, though not comparable across scale factors), by
+    default the ``objective`` of the first task configured (registry order). train.py writes every metric into the
+    W&B run's summary."""
     if metric == "loss":
         return {"name": "loss", "goal": "minimize"}
-    m = re.fullmatch(r"eval/(ppl|passkey|ruler)@(\d+)", metric)
-    if not m:
-        raise SweepError(f"--metric must be eval/ppl@L, eval/passkey@L, eval/ruler@L or loss; got '{metric}'")
-    if int(m.group(2)) not in lengths[m.group(1)]:
-        raise SweepError(f"--metric {metric}: not every run evaluates {m.group(1)} at {m.group(2)} tokens; add "
-                         f"{m.group(2)} to eval.{keys[m.group(1)]}")
-    return {"name": metric, "goal": "minimize" if m.group(1) == "ppl" else "maximize"}
+    goals = [{m: task.goal for task, s in configured(r.cfg.eval) for m in task.metrics(s)} for r in sweep.runs]
+    common = {m: g for m, g in goals[0].items() if all(m in other for other in goals)}
+    if metric is None:
+        first = next(((task, s) for task, s in configured(sweep.runs[0].cfg.eval) if task.objective), None)
+        if first is None or first[0].objective(first[1]) not in common:
+            raise SweepError("the W&B sweep needs a metric every run evaluates: add an eval: task section ("
+                             f"{', '.join('eval.' + name for name in EVAL_TASKS)}) with the target length to the "
+                             "runs' config, or pass --metric loss")
+        metric = f"eval/{first[0].objective(first[1])}"
+    name = metric.removeprefix("eval/")
+    if not metric.startswith("eval/") or name not in common:
+        choices = ", ".join(f"eval/{m}" for m in common) or "none: the runs have no eval: task in common"
+        raise SweepError(f"--metric must be a metric every run evaluates or loss; got '{metric}' (choices: "
+                         f"{choices})")
+    return {"name": metric, "goal": common[name]}
 
 
 def wandb_sweep_yaml(sc: SweepConfig, sweep_path: str, cli_sets: list[str], metric: dict) -> str:
@@ -609,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory for --dry-run's plans")
     ap.add_argument("--emit-wandb-sweep", metavar="OUT.yaml", help="write a W&B sweep YAML and exit")
     ap.add_argument("--metric", default=None, metavar="NAME",
-                    help="the W&B sweep's objective: eval/ppl@L (default: the longest perplexity length of the "
-                         "runs' eval: section), eval/passkey@L, eval/ruler@L, or loss")
+                    help="the W&B sweep's objective: eval/<metric> of a task the runs evaluate (the metric names of "
+                         "its summary.json; default: the objective of the first configured task, e.g. the score at "
+                         "the longest length), or loss")
     ap.add_argument("--point", nargs="+", metavar="KEY=VALUE",
                     help="run only this grid point (what the W&B sweep's agent calls)")
     args = ap.parse_args(argv)
@@ -630,7 +622,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.emit_wandb_sweep:
         metric = sweep_metric(sweep, args.metric)
         write_atomic(Path(args.emit_wandb_sweep), wandb_sweep_yaml(sc, args.config, args.set, metric))
-        _say(f"wrote {args.emit_wandb_sweep}: `wandb sweep {args.emit_wandb_sweep}`, then `wandb agent <id>`")
+        log(f"wrote {args.emit_wandb_sweep}: `wandb sweep {args.emit_wandb_sweep}`, then `wandb agent <id>`")
         return 0
     if args.dry_run:
         print(dry_run(sweep, args.gpu_mem_gib))

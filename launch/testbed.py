@@ -42,6 +42,7 @@ from models.load import load_config, load_tokenizer
 from training.runtime import machine
 from utils.cli import UserError, exit_process, free_port, run_cli
 from utils.files import atomic_dir, file_sha256, json_digest, write_json
+from utils.log import Log
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = Path("configs/testbed/base.yaml")  # relative to ROOT; run and model folders are relative to the cwd
@@ -56,8 +57,7 @@ class TestbedError(UserError):
     """A testbed that cannot be built; one line naming the problem and the fix."""
 
 
-def _log(msg: str) -> None:
-    print(f"[testbed] {msg}", flush=True)
+log = Log("testbed")
 
 
 def _read_key(path: Path) -> str | None:
@@ -95,9 +95,9 @@ def ensure_tokenizer(cfg: RunConfig) -> Path:
     path, arch = Path(cfg.model.tokenizer), cfg.model.arch
     key = tokenizer_key(cfg)
     if _read_key(path / KEY_FILE) == key:
-        _log(f"tokenizer: reusing {path} (same corpus and settings)")
+        log(f"tokenizer: reusing {path} (same corpus and settings)")
     else:
-        _log(f"tokenizer: training a {arch['vocab_size']}-token byte-level BPE on the bundled train split -> {path}")
+        log(f"tokenizer: training a {arch['vocab_size']}-token byte-level BPE on the bundled train split -> {path}")
         build_tokenizer(path, arch["vocab_size"])
         write_json(path / KEY_FILE, {"key": key}, sort_keys=True)
     # models.load.load_tokenizer (which train.py and eval use) opens folders that hold a config.json: the
@@ -161,14 +161,14 @@ def train_base(cfg: RunConfig, overrides: list[str], nproc: int, key: str) -> Pa
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / RUN_KEY_FILE, {"key": key}, sort_keys=True)
     cmd = _train_command(overrides, nproc, resume)
-    _log(("resuming" if resume else "running") + ": OMP_NUM_THREADS=1 " + " ".join(cmd))
+    log(("resuming" if resume else "running") + ": OMP_NUM_THREADS=1 " + " ".join(cmd))
     t0 = time.perf_counter()
     # Two processes on two cores: one thread each (oversubscribed threads cost 30x, docs/notes.md).
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise TestbedError(f"train.py failed on {BASE_CONFIG} (exit status {done.returncode}); see its output "
                            "above. Run `python -m launch.testbed` again to resume from its last checkpoint")
-    _log(f"{BASE_CONFIG} trained in {time.perf_counter() - t0:.0f} s -> {run}")
+    log(f"{BASE_CONFIG} trained in {time.perf_counter() - t0:.0f} s -> {run}")
     return run
 
 
@@ -187,15 +187,15 @@ def build(overrides: list[str] = (), nproc: int = 2, force: bool = False, model_
     tokenizer = ensure_tokenizer(cfg)
     key = base_key(cfg, tokenizer, overrides)
     if not force and _read_key(model_dir / KEY_FILE) == key:
-        _log(f"base: reusing {model_dir} (same config, tokenizer and data; `--force` rebuilds)")
+        log(f"base: reusing {model_dir} (same config, tokenizer and data; `--force` rebuilds)")
         return model_dir
-    _log(f"base: building {model_dir} from {BASE_CONFIG} (key {key[:12]})")
+    log(f"base: building {model_dir} from {BASE_CONFIG} (key {key[:12]})")
     t0 = time.perf_counter()
     run = train_base(cfg, overrides, nproc, key)
     seconds = round(time.perf_counter() - t0)
     _publish(run / "merged", model_dir, key, {"config": str(BASE_CONFIG), "overrides": overrides,
                                               "build_seconds": seconds, "processes": nproc})
-    _log(f"base: {model_dir} ready ({seconds} s)")
+    log(f"base: {model_dir} ready ({seconds} s)")
     return model_dir
 
 
@@ -263,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         built = build(args.set, args.nproc, args.force)
         committed = COMMITTED_DIR / MANIFEST
         if args.install:
-            _log(f"installed {built} into {install(built)}")
+            log(f"installed {built} into {install(built)}")
         elif committed.is_file():
             diff = recipe_differences(json.loads(committed.read_text()), recipe(args.set))
-            _log(f"the committed base ({COMMITTED_DIR.relative_to(ROOT)}) has " +
+            log(f"the committed base ({COMMITTED_DIR.relative_to(ROOT)}) has " +
                  (f"another recipe ({', '.join(diff)} differ): `--install` replaces it" if diff else
                   "the same recipe (config, tokenizer, data); its weights are not bit-identical to this build's "
                   "unless built on the same CPU with the same processes"))

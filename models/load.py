@@ -38,7 +38,7 @@ from transformers import (
 
 from ropescale.serving import check_legacy_keys
 from utils.cli import UserError
-from utils.files import atomic_dir, cache_dir, json_digest
+from utils.files import atomic_dir, cache_dir, json_digest, user_path
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,7 +121,7 @@ def resolve(name: str) -> str:
         return name
     if name == SMOLLM2:
         return str(_convert_gguf(_smollm2_gguf(), cache_dir() / "models" / SMOLLM2))
-    path = Path(name).expanduser()
+    path = user_path(name)
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
@@ -178,7 +178,7 @@ def check_weights_format(name: str, allow_pickle: bool = False) -> None:
     """Refuse a local model folder whose weights are only ``.bin`` / ``.pt`` (pickle) unless ``allow_pickle``: the
     check ``load_model`` makes, callable before anything starts (train.py's preflight). Hub ids are not checked
     here: their weights are fetched as safetensors (or, with ``allow_pickle``, read with weights_only)."""
-    folder = Path(name).expanduser()
+    folder = user_path(name)
     pickled = folder.is_dir() and not any(folder.glob("*.safetensors")) and any(
         f.suffix in (".bin", ".pt") for f in folder.iterdir())
     if pickled and not allow_pickle:

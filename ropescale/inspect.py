@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from ropescale.apply import head_dim_of, original_context, partial_rotary_factor_of, rope_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError, rotary_dim, validate_method
-from utils.files import save_figure
 
 _TOL = 1e-6  # relative: float32 frequencies carry ~1e-7
 
@@ -73,84 +71,11 @@ def format_table(t: dict) -> str:
     return "\n".join(lines)
 
 
-def _comparable(method: str, params: dict) -> dict[str, dict]:
+def comparable_methods(method: str, params: dict) -> dict[str, dict]:
     """Methods drawn in the comparison panel: all that run with default parameters, plus the chosen one."""
     out = {m: {} for m, spec in ROPE_METHODS.items() if not spec.required}
     out[method] = params
     return out
-
-
-def plot(path: str | Path, head_dim: int, base: float, original_len: int, method: str, factor: float,
-         params: dict | None = None, partial_rotary_factor: float = 1.0) -> Path:
-    """One page, three panels: effective per-dimension scale of every method at ``factor``; wavelength against
-    dimension with L and the target marked; turns within L and within the target. Written atomically (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    args = (head_dim, base, original_len)
-    chosen = rope_table(*args, method, factor, params, partial_rotary_factor)
-    L, target = original_len, chosen["target_len"]
-    d = [r["index"] for r in chosen["rows"]]
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 13), sharex=True)
-    fig.suptitle(f"RoPE scaling x{factor:g}: head_dim {head_dim}, base {base:g}, L = {L} -> target {target}; "
-                 f"{method} shaded", fontsize=12)
-
-    styles = ["-", "--", "-.", ":"]
-    for k, (m, p) in enumerate(_comparable(method, chosen["params"]).items()):
-        t = chosen if m == method else rope_table(*args, m, factor, p, partial_rotary_factor)
-        label = f"{m} (attn {t['attention_scale']:.3f})" if t["attention_scale"] != 1 else m
-        ax1.plot(d, [r["scale"] for r in t["rows"]], styles[k % 4], marker="o" if m == method else None, ms=4,
-                 lw=3 if m == method else 1.6, label=label)
-    ax1.axhline(factor, color="grey", lw=0.8)
-    ax1.set_yscale("log")
-    ax1.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax1.set_ylabel("effective scale  theta / theta'")
-    ax1.set_title(f"Effective scale per dimension: 1 = kept (extrapolated), {factor:g} = interpolated like PI\n"
-                  "(dynamic methods at the target length; yarn, dynamic_yarn and ntk_by_parts nearly coincide)",
-                  fontsize=10)
-    ax1.legend(ncol=3, fontsize=8)
-
-    ax2.plot(d, [r["wavelength"] for r in chosen["rows"]], "k-", label="original")
-    ax2.plot(d, [r["wavelength_scaled"] for r in chosen["rows"]], "C3--", lw=2, label=f"{method}")
-    ax2.axhline(L, color="C0", ls=":", label=f"L = {L}")
-    ax2.axhline(target, color="C1", ls=":", label=f"target = {target}")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("wavelength (tokens)")
-    ax2.set_title("Wavelength per dimension: a wavelength above L never made a full turn in training", fontsize=10)
-    ax2.legend(fontsize=9)
-
-    ax3.plot(d, [r["r"] for r in chosen["rows"]], "k-", label="original, within L (seen in training)")
-    ax3.plot(d, [r["r"] * factor for r in chosen["rows"]], "k:", label="original, within target (no scaling)")
-    ax3.plot(d, [r["turns_target"] for r in chosen["rows"]], "C3--", lw=2, label=f"{method}, within target")
-    ax3.axhline(1, color="grey", lw=0.8)
-    ax3.set_yscale("log")
-    ax3.set_ylabel("full turns")
-    ax3.set_xlabel("rotary pair d (high frequency -> low frequency)")
-    ax3.set_title("Rotation coverage: turns within L and within the target (below 1, only part of the circle is "
-                  "swept);\nwhere the scaled curve meets the solid one, the target shows no angle unseen in training",
-                  fontsize=10)
-    ax3.legend(fontsize=9)
-    # Shade the chosen method's regions in every panel.
-    for region, color in (("blended", "gold"), ("interpolated", "C0")):
-        idx = [r["index"] for r in chosen["rows"] if r["region"] == region]
-        if idx:
-            for ax in (ax1, ax2, ax3):
-                ax.axvspan(min(idx) - 0.5, max(idx) + 0.5, color=color, alpha=0.08, lw=0)
-            ax2.text((min(idx) + max(idx)) / 2, 0.03, f"{method}: {region}", transform=ax2.get_xaxis_transform(),
-                     ha="center", fontsize=8, color="0.3")
-    for ax in (ax1, ax2, ax3):
-        ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        save_figure(fig, path, tight=False)
-    finally:
-        plt.close(fig)
-    return path
 
 
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
@@ -201,7 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"  {name:<{width}}  {m.summary}" for name, m in ROPE_METHODS.items())
 
 
-def _resolve(a: argparse.Namespace, load_config) -> dict:
+def resolve(a: argparse.Namespace, load_config) -> dict:
     """The rope_table arguments from the command line (and the config of ``--model``, read by ``load_config``)."""
     params = {}
     if a.params is not None:
@@ -219,21 +144,3 @@ def _resolve(a: argparse.Namespace, load_config) -> dict:
     if missing:
         raise RopeConfigError(f"without --model, give {' '.join(missing)}")
     return dict(src, method=a.method, factor=a.factor, params=params)
-
-
-def run(a: argparse.Namespace, load_config=None) -> int:
-    """The command: ``a`` from ``add_arguments``; ``load_config(name)`` reads the config of ``--model`` (the entry
-    point ``python -m ropescale`` passes ``models.load.load_config``, so that this module loads no models)."""
-    kw = _resolve(a, load_config)
-    table = rope_table(**kw)
-    if a.plot:
-        if not Path(a.plot).parent.is_dir():
-            raise RopeConfigError(f"--plot: folder {Path(a.plot).parent} does not exist")
-        plot(a.plot, **kw)
-    if a.json:
-        print(json.dumps(table))
-    else:
-        print(format_table(table))
-        if a.plot:
-            print(f"plot written to {a.plot}")
-    return 0

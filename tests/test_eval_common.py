@@ -10,7 +10,6 @@ import yaml
 from eval.common import (
     EvalError,
     SharedPrefix,
-    add_decoding_args,
     add_model_args,
     common_prefix,
     greedy_decode,
@@ -147,10 +146,7 @@ def test_shared_prefix_reuses_only_the_common_tokens_and_gives_the_same_answers(
 
 
 def test_shared_prefix_is_off_for_methods_whose_table_depends_on_the_length(capsys):
-    ap = argparse.ArgumentParser()
-    add_decoding_args(ap)
-    on, off = ap.parse_args([]), ap.parse_args(["--no-shared-prefix"])
-    assert shared_prefix_for(on, dict(method="yarn")) and not shared_prefix_for(off, dict(method="yarn"))
+    assert shared_prefix_for(True, dict(method="yarn")) and not shared_prefix_for(False, dict(method="yarn"))
     for method in ("dynamic_ntk", "dynamic_yarn", "longrope"):
-        assert not shared_prefix_for(on, dict(method=method))
+        assert not shared_prefix_for(True, dict(method=method))
         assert "depends on the sequence length" in capsys.readouterr().err

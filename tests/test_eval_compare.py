@@ -84,7 +84,7 @@ def test_bad_inputs(results, tmp_path):
     with pytest.raises(EvalError, match="does not exist"):
         main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EvalError, match="holds no perplexity.json"):
+    with pytest.raises(EvalError, match=r"holds no result file \(perplexity.json, passkey.json, ruler.json"):
         main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     one = next(results.iterdir())
     copy = tmp_path / "copy.json"

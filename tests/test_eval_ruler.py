@@ -3,14 +3,14 @@ scoring on hand-made answers; bad input as one line; the CLI end to end on the t
 
 import json
 import re
-from typing import get_args
 
 import pytest
+from pydantic import ValidationError
 
-from configs.schema import RulerTask
 from eval.common import EvalError, common_prefix
 from eval.compare import main as compare_main
 from eval.ruler import (
+    RulerSettings,
     TASKS,
     build_sample,
     effective_length,
@@ -117,8 +117,10 @@ def test_string_match_all_on_hand_made_answers():
     assert string_match_all("", ["x"]) == 0.0
 
 
-def test_the_config_schema_knows_every_task():
-    assert list(get_args(RulerTask)) == list(TASKS)  # eval.ruler_tasks is checked before a run starts
+def test_the_settings_know_every_task_and_refuse_others():
+    assert RulerSettings().tasks == list(TASKS)  # eval.ruler.tasks is checked before a run starts
+    with pytest.raises(ValidationError):
+        RulerSettings(tasks=["niah_single", "needle"])
 
 
 def test_effective_length_is_the_longest_length_before_the_first_miss():
@@ -148,10 +150,10 @@ def test_bad_input_is_one_line(smol, tmp_path, capsys):
         build_sample(smol, "cwe", 256, None, 0)
     with pytest.raises(EvalError, match="needs a depth in"):
         build_sample(smol, "vt", 1024, 1.5, 0)
-    for args, message in [(["--tasks", "niah,vt"], "unknown task 'niah'"),
+    for args, message in [(["--tasks", "niah,vt"], "--tasks: Input should be 'niah_single', "),
                           (["--lengths", "64", "--tasks", "vt"], "too short for vt"),
-                          (["--samples", "0", "--tasks", "vt"], "--samples must be >= 1"),
-                          (["--threshold", "2"], "--threshold must be in (0, 1]"),
+                          (["--samples", "0", "--tasks", "vt"], "--samples: Input should be greater than or equal to 1"),
+                          (["--threshold", "2"], "--threshold: Input should be less than or equal to 1"),
                           (["--chat-template", "--tasks", "vt", "--lengths", "512"], "has no chat template")]:
         assert run_cli(main, ["--model", "tiny-llama", "--out", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()

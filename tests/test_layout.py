@@ -7,13 +7,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("utils", "ropescale", "data", "configs", "models", "eval", "training", "launch", "bench")
-# What each package may import besides itself (README: Layout). The command-line entry points (``train.py`` and the
-# ``__main__.py`` modules) sit on top of everything and may import any library module.
+# What each package may import besides itself (docs/architecture.md). The command-line entry points (``train.py`` and
+# the ``__main__.py`` modules) sit on top of everything and may import any library module; ``ropescale/__main__.py``
+# only calls launch.rope_cli (test_ropescale_is_rope_only).
 ALLOWED = {
     "utils": set(),
     "ropescale": {"utils"},
     "data": {"utils"},
-    "configs": {"utils", "ropescale", "data"},
+    "configs": {"utils", "ropescale", "data", "eval"},  # eval: each task's settings section (eval/registry.py)
     "models": {"utils", "ropescale", "data"},
     "eval": {"utils", "ropescale", "data", "models"},
     "training": {"utils", "ropescale", "data", "configs", "models", "eval"},
@@ -33,8 +34,11 @@ def sources() -> dict[str, Path]:
 
 
 def imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, list[str]]]:
-    """(imported project module, names taken from it) for every import statement of ``path``."""
+    """(imported project module, names taken from it) for every import statement of ``path``; the evaluation-task
+    registry imports its task modules by name (``TASK_MODULES``), which count as imports too."""
     out = []
+    if path == ROOT / "eval" / "registry.py":
+        out += [(m, []) for m in registry_modules(path)]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out += [(a.name, []) for a in node.names if a.name.split(".")[0] in (*PACKAGES, "train", "tests")]
@@ -46,6 +50,25 @@ def imports(path: Path, modules: dict[str, Path]) -> list[tuple[str, list[str]]]
             subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in modules]
             out += [(s, []) for s in subs] or [(node.module, names)]
     return out
+
+
+def registry_modules(path: Path) -> list[str]:
+    """The module names of eval/registry.py's ``TASK_MODULES`` tuple."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TASK_MODULES" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    return []
+
+
+def external_imports(path: Path) -> set[str]:
+    """The top-level names of every package ``path`` imports (project or not)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
 
 
 def is_entry_point(module: str) -> bool:
@@ -114,7 +137,28 @@ def test_no_private_name_crosses_a_module_boundary():
 
 
 def test_packages_import_only_downward():
-    assert not upward_imports(sources()), "imports against the layering (README: Layout)"
+    assert not upward_imports(sources()), "imports against the layering (docs/architecture.md)"
+
+
+def test_ropescale_is_rope_only():
+    """ropescale computes (methods, apply, inspect's and the planner's numbers): no project package but utils, no
+    matplotlib; its ``__main__`` is a shim over launch.rope_cli, the command that loads models and draws."""
+    modules = sources()
+    for m, p in modules.items():
+        if m.split(".")[0] != "ropescale":
+            continue
+        used = external_imports(p)
+        assert "matplotlib" not in used, m
+        if m == "ropescale.__main__":
+            assert {t for t, _ in imports(p, modules)} == {"launch.rope_cli", "utils.cli"}
+        else:
+            assert {t.split(".")[0] for t, _ in imports(p, modules)} <= {"ropescale", "utils"}, m
+
+
+def test_the_registry_counts_as_importing_its_tasks():
+    modules = sources()
+    assert {"eval.perplexity", "eval.passkey", "eval.ruler"} <= {t for t, _ in imports(modules["eval.registry"],
+                                                                                          modules)}
 
 
 def test_no_import_circle_between_modules():

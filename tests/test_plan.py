@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ropescale import plan
-from ropescale.__main__ import main
+from launch.rope_cli import main
 
 SMALL = ["--head-dim", "32", "--base", "10000", "--original", "256"]
 

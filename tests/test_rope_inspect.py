@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ropescale.__main__ import main
+from launch.rope_cli import main
 from ropescale.apply import apply_rope
 from ropescale.inspect import format_table, rope_table
 from ropescale.methods import ROPE_METHODS

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from models.gguf_export import write_gguf
 from models.load import ModelLoadError, load_config, load_model, tiny_tokenizer
-from ropescale.__main__ import main
+from launch.rope_cli import main
 from ropescale.apply import apply_rope, head_dim_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError
 from ropescale.serving import EXACT, LOADERS, check_legacy_keys, compatibility, serving_config, write_serving_files

@@ -150,7 +150,7 @@ def test_extension_configs_match_their_names(name):
     assert (cfg.rope.method, cfg.rope.factor) == (METHODS[method], factor)
     assert cfg.model.name == str(testbed.COMMITTED_DIR.relative_to(ROOT)) and cfg.lora.enabled
     assert cfg.data.seq_len == 256 * factor and cfg.output.dir == f"runs/testbed/{name}"
-    assert cfg.eval.perplexity_lengths == cfg.eval.passkey_lengths == [256, 512, 1024, 2048]
+    assert cfg.eval.perplexity.lengths == cfg.eval.passkey.lengths == [256, 512, 1024, 2048]
 
 
 def test_demo_evaluates_nine_models_for_each_metric():
@@ -169,7 +169,10 @@ def test_demo_evaluates_nine_models_for_each_metric():
     for cmd in jobs.values():
         assert cmd[cmd.index("--lengths") + 1] == "256,512,1024,2048"
     full, small = jobs["passkey base"], dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["passkey base"]
-    assert full[full.index("--depths") + 1] == "0,0.25,0.5,0.75,1" and small[small.index("--depths") + 1] == "0,0.5,1"
+    def depths(cmd: list[str]) -> list[float]:
+        return [float(d) for d in cmd[cmd.index("--depths") + 1].split(",")]
+
+    assert depths(full) == [0, 0.25, 0.5, 0.75, 1] and depths(small) == [0, 0.5, 1]
     ppl_small = dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["ppl base"]
     assert "--max-tokens" not in jobs["ppl base"] and ppl_small[ppl_small.index("--max-tokens") + 1] == "32768"
 

@@ -25,9 +25,10 @@ import yaml
 from configs.schema import RunConfig
 from ropescale.serving import EXACT, write_serving_files
 from training.model import LossModule, tokenizer_of, trainable_model
-from training.runtime import TrainError, log, raise_on_any_rank, rank
+from training.runtime import TrainError, log, raise_on_any_rank
 from utils.faults import fault_point
 from utils.files import replace_dir, write_atomic
+from utils.log import rank
 
 CHECKPOINT_PREFIX = "step-"
 DS_TAG = "engine"  # DeepSpeed's sub-folder inside each checkpoint

@@ -41,7 +41,7 @@ from training.checkpoint import public_config
 from training.engine import ds_config
 from training.model import extra_param_names, lora_config  # the same LoRA and trainable extras as the run
 from training.parallel import check_sequence_parallel, head_counts
-from training.runtime import rank
+from utils.log import rank
 
 GIB = 2**30
 RESERVE = 0.10  # fraction of GPU memory left for what the plan does not model (see module docstring)

@@ -84,10 +84,10 @@ class MetricsLog:
                            f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
                            f"peak {record['peak_mem_gib']:.2f} GiB")
 
-    def record_eval(self, summary: dict, folder: Path) -> None:
+    def record_eval(self, summary: dict, files: list[Path], folder: Path) -> None:
         """The in-run evaluation's summary metrics (``eval/ppl@L``, ``eval/passkey@L``, ``eval/ruler@L``, ...):
-        ``<folder>/summary.json`` and the W&B run's summary (what a W&B sweep's metric reads), with the result
-        tables (markdown) and plots (PNG) of ``folder`` logged next to them."""
+        ``<folder>/summary.json`` and the W&B run's summary (what a W&B sweep's metric reads), with the tables
+        (markdown) and plots (PNG) among the tasks' ``files`` logged next to them."""
         if not self.active:
             return
         write_atomic(folder / "summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
@@ -96,9 +96,9 @@ class MetricsLog:
         import wandb
 
         self.wandb.summary.update(summary)
-        media = {f"eval/{p.parent.name}/{p.stem}": wandb.Image(str(p)) for p in sorted(folder.glob("*/*.png"))}
+        media = {f"eval/{p.parent.name}/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"}
         media.update({f"eval/{p.parent.name}/{p.stem}_table": wandb.Html(f"<pre>{p.read_text()}</pre>")
-                      for p in sorted(folder.glob("*/*.md"))})
+                      for p in files if p.suffix == ".md"})
         if media:
             self.wandb.log(media)
 

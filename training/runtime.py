@@ -19,6 +19,7 @@ import torch
 
 from configs.schema import RunConfig
 from utils.cli import UserError, free_port
+from utils.log import Log
 
 
 class TrainError(UserError):
@@ -29,15 +30,8 @@ class Preempted(Exception):
     """SIGTERM arrived (a scheduler's preemption): the run saved a checkpoint and stops; the recipe exits 143."""
 
 
-def rank() -> int:
-    """This process's global rank (0 before the process group starts, as launchers set RANK)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def log(msg: str) -> None:
-    """Print on rank 0 only, prefixed ``[train]``."""
-    if rank() == 0:
-        print(f"[train] {msg}", flush=True)
+log = Log("train", rank0=True)
+"""Training progress, printed by rank 0 only."""
 
 
 def device() -> torch.device:

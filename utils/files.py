@@ -16,6 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from utils.cli import UserError
+
+
+def user_path(text: str | Path) -> Path:
+    """``text`` as a path with a leading ``~`` or ``~user`` expanded; a UserError (one line) when that user has no
+    home here (``~0``), where pathlib raises RuntimeError."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise UserError(f"path '{text}' starts with '~' but names no user with a home here; give the full path") \
+            from None
+
 
 def cache_dir() -> Path:
     """Where converted models and packed data live: ``$ROPESCALE_CACHE`` or ``~/.cache/ropescale``."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class StrictModel(BaseModel):
@@ -49,3 +50,10 @@ def validate(model: type[BaseModel], raw: dict, error: type[Exception], noun: st
         return model.model_validate(raw)
     except ValidationError as e:
         raise error(one_line(e, model, noun)) from None
+
+
+MAX_TOKENS = 2**24  # 16M tokens: the bound on any length or position count in a config
+Length = Annotated[int, Field(ge=2, le=MAX_TOKENS)]
+"""A context length in tokens."""
+Depth = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A relative depth in a prompt: 0 is the start, 1 the end."""

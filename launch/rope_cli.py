@@ -1,0 +1,178 @@
+"""The command ``python -m ropescale inspect|plan|export ...``: see ``ropescale.inspect``, ``ropescale.plan`` and
+``ropescale.serving`` (export: what each server computes of a model, its config.json legacy keys, a GGUF). Errors
+exit with status 2 and one ``error:`` line.
+
+It sits above ``ropescale`` (which only computes): it loads models (``models.load``), scores candidates
+(``eval.candidates``) and writes the reports and pictures (``launch.plan``); ``ropescale/__main__.py`` calls
+``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from eval.candidates import SEARCHES, recommend, score_candidates
+from eval.common import locate
+from eval.perplexity import load_texts
+from models.gguf_export import write_gguf
+from models.load import load_config
+from training.runtime import choose_precision
+from launch import plan as report
+from ropescale import inspect, plan, serving
+from ropescale.methods import RopeConfigError
+from utils.cli import UserError, run_cli
+from utils.files import write_atomic
+from utils.log import Log
+
+log = Log("plan", err=True)
+
+
+def run_inspect(a: argparse.Namespace) -> int:
+    """``inspect``: the per-pair table (or its JSON) of ``a`` (``ropescale.inspect.add_arguments``), and with
+    ``--plot`` the comparison page."""
+    kw = inspect.resolve(a, load_config)
+    table = inspect.rope_table(**kw)
+    if a.plot:
+        if not Path(a.plot).parent.is_dir():
+            raise RopeConfigError(f"--plot: folder {Path(a.plot).parent} does not exist")
+        report.plot_inspect(a.plot, **kw)
+    if a.json:
+        print(json.dumps(table))
+    else:
+        print(inspect.format_table(table))
+        if a.plot:
+            print(f"plot written to {a.plot}")
+    return 0
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    inspect.add_source_arguments(p)
+    p.add_argument("--target", type=int, required=True, help="the context length to reach (tokens)")
+    p.add_argument("--methods", default=",".join(plan.DEFAULT_METHODS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--factors", default=None,
+                   help="comma-separated scale factors (default: 1, 1.25, 1.5 and 2 x target / L)")
+    p.add_argument("--theory-only", action="store_true",
+                   help="the numbers from the config alone (no forward pass); --head-dim/--base/--original need it")
+    m = p.add_argument_group("the measured part (training-free scoring; needs --model)")
+    m.add_argument("--data", nargs="+", default=["bundled"],
+                   help="held-out text: 'bundled' (the bundled held-out book), .txt/.jsonl files, or a dataset")
+    m.add_argument("--windows", type=int, default=1, help="windows of --target tokens scored per candidate")
+    m.add_argument("--buckets", type=int, default=16, help="position buckets of the loss curve")
+    m.add_argument("--tolerance", type=float, default=0.1,
+                   help="nats above the unscaled native loss that end the effective context (default 0.1)")
+    m.add_argument("--native-tolerance", type=float, default=0.05,
+                   help="largest native-window cost (nats) a recommended factor may have (default 0.05)")
+    m.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto (default): bfloat16 where the hardware has bf16 units (CPU: amx_bf16 or avx512_bf16; "
+                        "about 2x faster there), else float32")
+    m.add_argument("--search", choices=SEARCHES, default="scan",
+                   help="scan (default): per method, stop at the first factor whose loss rises; grid: score all")
+    m.add_argument("--sweep-base", default=None, metavar="YAML",
+                   help="a run config whose recipe fine-tunes the top candidates: writes --out/sweep.yaml")
+    p.add_argument("--no-base-bound", action="store_true",
+                   help="skip Men et al.'s base lower bound (a scan of bases: 1.5 s for head_dim 128 at 32k)")
+    p.add_argument("--out", default=None, help="folder for plan.md, plan.json and the pictures")
+    p.add_argument("--json", action="store_true", help="print the whole result as one JSON line last")
+
+
+def run_plan(a: argparse.Namespace) -> int:
+    try:
+        factors = tuple(float(x) for x in a.factors.split(",")) if a.factors else None
+    except ValueError:
+        raise RopeConfigError(f"--factors must be comma-separated numbers (got {a.factors!r})") from None
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    if not a.theory_only and not a.model:
+        raise UserError("plan: the measured part scores a model: give --model, or --theory-only")
+    if a.sweep_base and (a.theory_only or not a.out):
+        raise UserError("plan: --sweep-base needs the measured part and --out (the sweep is written there)")
+    if a.sweep_base and not Path(a.sweep_base).is_file():
+        raise UserError(f"plan: --sweep-base {a.sweep_base} not found (a run config such as "
+                        "configs/smollm2/yarn_16k.yaml)")
+    source, _ = inspect.rope_source(a, load_config)
+    result = plan.theory_plan(**source, target=a.target, methods=methods, factors=factors,
+                              base_bound=not a.no_base_bound)
+    if not a.theory_only:
+        texts, desc = load_texts(a.data)
+        grid = plan.candidates(source["original_len"], a.target, methods, factors)
+        dtype = a.dtype
+        if dtype == "auto":
+            precision, why = choose_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = {"bf16": "bfloat16", "fp32": "float32"}[precision]
+            log(f"scoring in {dtype} ({why})")
+        rows, skipped = score_candidates(a.model, grid, texts, a.target, source["original_len"], windows=a.windows,
+                                         n_buckets=a.buckets, tolerance=a.tolerance, dtype=dtype, search=a.search)
+        result["measured"] = {"data": desc, "windows": a.windows, "tolerance": a.tolerance,
+                              "native_tolerance": a.native_tolerance, "dtype": dtype, "search": a.search,
+                              "rows": rows, "skipped": skipped}
+        result["recommendation"] = recommend(rows, a.native_tolerance)
+        if a.sweep_base:
+            path = Path(a.out) / "sweep.yaml"
+            result["sweep"] = {"path": str(path), "command": f"python launch/sweep.py --config {path}"}
+    command = "python -m ropescale plan " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    print(report.format_markdown(result, command, guide=False))
+    if a.out:
+        print(f"report: {report.write_report(result, Path(a.out), command) / 'plan.md'}")
+        if a.sweep_base:
+            write_atomic(Path(result["sweep"]["path"]),
+                         report.sweep_yaml(result, a.sweep_base, result["sweep"]["path"]))
+            print(f"sweep: {result['sweep']['path']}; next: {result['sweep']['command']}")
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run folder (its merged/), a model folder, or a model name")
+    p.add_argument("--gguf", default=None, metavar="OUT.gguf",
+                   help="write a GGUF file for llama.cpp (Llama architecture; methods it cannot run are refused)")
+    p.add_argument("--write-config", action="store_true",
+                   help="rewrite the folder's config.json with the legacy keys older loaders read (rope_scaling, "
+                        "rope_theta) and write SERVING.md next to it (train.py's merged/ has both already)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
+
+def run_export(a: argparse.Namespace) -> int:
+    src = locate(a.model)["load"]
+    if a.write_config and not (Path(src) / "config.json").is_file():
+        raise UserError(f"export: --write-config rewrites a local folder's config.json; {a.model} is not one")
+    config = load_config(src)
+    if a.write_config:
+        verdicts = serving.write_serving_files(Path(src), config)
+        print(f"export: wrote {src}/config.json (legacy keys) and {src}/SERVING.md")
+    else:
+        verdicts = serving.compatibility(config)
+    for v in verdicts:
+        print(f"{v.loader} ({serving.LOADERS[v.loader]}): {v.status}" + (f": {v.why}" if v.why else ""))
+    result = {"model": src, "verdicts": [vars(v) for v in verdicts]}
+    if a.gguf:
+        result["gguf"] = write_gguf(src, a.gguf)
+        print(f"gguf: {a.gguf} ({result['gguf']['tensors']} tensors; {result['gguf']['how']})")
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ropescale", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect.add_arguments(sub.add_parser("inspect", help="per-dimension table (and plot) of a RoPE scaling method",
+                                         description=inspect.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_plan_arguments(sub.add_parser("plan", help="which method and scale factor for a target length",
+                                      description=plan.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_export_arguments(sub.add_parser("export", help="what each server computes of a model; legacy keys; GGUF",
+                                        description=serving.__doc__,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    if args.command == "plan":
+        return run_cli(lambda _: run_plan(args))
+    if args.command == "export":
+        return run_cli(lambda _: run_export(args))
+    return run_cli(lambda _: run_inspect(args))
