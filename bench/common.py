@@ -19,6 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
+
+
+def parse_list(text: str, item, what: str) -> list:
+    """A comma-separated option (``--lengths 4096,8192``) checked as a non-empty ``list[item]`` (``item`` e.g.
+    utils.schema.Length or Depth, the bounds the configs use); a bad one ends the benchmark with one error line."""
+    try:
+        values = TypeAdapter(list[item]).validate_python([v.strip() for v in text.split(",") if v.strip()])
+    except ValidationError as e:
+        raise SystemExit(f"error: {what}: {e.errors()[0]['msg']} (got '{text}')") from None
+    if not values:
+        raise SystemExit(f"error: {what} names no value (got '{text}')")
+    return values
 
 
 def status_mib(field: str) -> float:

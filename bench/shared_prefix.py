@@ -37,10 +37,12 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.runtime import machine  # noqa: E402
-from eval.common import DTYPES, parse_depths  # noqa: E402
+from bench.common import parse_list  # noqa: E402
+from eval.common import DTYPES  # noqa: E402
 from eval.ruler import evaluate_ruler, task_of  # noqa: E402
 from models.load import load_model, load_tokenizer  # noqa: E402
 from utils.cli import exit_process  # noqa: E402
+from utils.schema import Depth  # noqa: E402
 
 
 def sweep(model, tok, args, shared: bool) -> dict:
@@ -90,7 +92,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     ap.add_argument("--costs", action="store_true", help="measure prefill costs after cached prefixes instead")
     args = ap.parse_args()
-    args.depths = parse_depths(args.depths)
+    args.depths = parse_list(args.depths, Depth, "--depths")
     if not task_of(args.task).has_depth:
         ap.error(f"{args.task} has no depth: a depth sweep needs one of the niah tasks or vt")
     torch.set_num_threads(args.threads)

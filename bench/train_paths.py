@@ -39,8 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
-from eval.common import EvalError, parse_int_list  # noqa: E402
+from bench.common import corpus_tokens, parse_list, reset_peak, run_children, status_mib  # noqa: E402
 from models.build import build_model  # noqa: E402
 from models.load import load_tokenizer  # noqa: E402
 from ropescale.apply import head_dim_of  # noqa: E402
@@ -49,6 +48,7 @@ from training.model import extra_param_names, lora_config, model_config  # noqa:
 from training.parallel import check_offload_checkpoints, data_parallel_size, sequence_parallel_sizes, shard_rows  # noqa: E402
 from training.runtime import attn_implementation, choose_precision, device, init_distributed, shutdown  # noqa: E402
 from utils.cli import exit_process, free_port  # noqa: E402
+from utils.schema import Length  # noqa: E402
 
 
 class Variant(NamedTuple):
@@ -132,13 +132,7 @@ def variant_setup(variant: str, model: str) -> tuple[int, tuple[str, ...]]:
 
 def parse_lengths(text: str) -> list[int]:
     """``--lengths``: comma-separated token counts."""
-    try:
-        lengths = parse_int_list(text, "--lengths")
-    except EvalError as e:
-        raise SystemExit(f"error: {e}") from None
-    if min(lengths) < 2:
-        raise SystemExit(f"error: --lengths needs lengths of at least 2 tokens, got '{text}'")
-    return lengths
+    return parse_list(text, Length, "--lengths")
 
 
 def check_choice(value: str, choices, flag: str) -> list[str]:

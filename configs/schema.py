@@ -182,9 +182,17 @@ class EvalSectionBase(StrictModel):
             for name, task in EVAL_TASKS.items():
                 for old, new in task.renamed.items():
                     if old in raw and old != name:
-                        raise ValueError(f"eval.{old} is now eval.{name}.{new} (one eval: sub-section per task, "
+                        raise ValueError(f"'{old}' is now 'eval.{name}.{new}' (one eval: sub-section per task, "
                                          f"e.g. eval: {{{name}: {{{new}: ...}}}}); rename it")
         return raw
+
+    @model_validator(mode="after")
+    def _some_task(self):
+        if not any(getattr(self, name) is not None for name in EVAL_TASKS):
+            raise ValueError(f"names no task; give {', '.join('eval.' + n for n in list(EVAL_TASKS)[:-1])} or "
+                             f"eval.{list(EVAL_TASKS)[-1]} (`{{}}` runs a task with its defaults), or eval: null for "
+                             "no evaluation")
+        return self
 
 
 EvalSection = create_model(

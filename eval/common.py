@@ -53,30 +53,8 @@ class EvalModel:
     info: dict
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """``"4096,8192"`` -> [4096, 8192]; EvalError on anything else."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EvalError(f"{what} must be comma-separated integers, e.g. 4096,8192; got '{text}'") from None
-    if not values or min(values) < 1:
-        raise EvalError(f"{what} must be positive integers, got '{text}'")
-    return values
-
-
-def parse_depths(text: str) -> list[float]:
-    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]; EvalError unless every value is a number in [0, 1]."""
-    try:
-        depths = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EvalError(f"--depths must be comma-separated numbers in [0, 1], e.g. 0,0.5,1; got '{text}'") from None
-    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
-        raise EvalError(f"--depths must be numbers in [0, 1], got '{text}'")
-    return depths
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The options shared by eval.passkey and eval.perplexity."""
+    """The model and output options every evaluation command shares (eval.task.task_main adds the task's own)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=True, help="run folder, model folder, or model name (e.g. smollm2-135m)")
     g.add_argument("--rope", default=None,

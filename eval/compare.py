@@ -81,16 +81,22 @@ def collect(files: list[Path]) -> list[dict]:
 
 
 def _column_order(names: list[str]) -> list[str]:
-    """A task's metric columns: ``prefix@L`` names grouped by prefix (first seen first), by length within a group,
-    then the other names in the order seen (``score@256, score@512, score_all``)."""
+    """A task's metric columns: ``prefix@L`` names grouped by prefix (first seen first), by length within a group
+    (a suffix that is not a number sorts after the numbers, as text), then the other names in the order seen
+    (``score@256, score@512, score_all``)."""
     prefixes = list(dict.fromkeys(n.split("@")[0] for n in names if "@" in n))
-    at = sorted((n for n in names if "@" in n), key=lambda n: (prefixes.index(n.split("@")[0]), int(n.split("@")[1])))
-    return at + [n for n in names if "@" not in n]
+
+    def key(name: str) -> tuple:
+        prefix, suffix = name.split("@", 1)
+        return (prefixes.index(prefix), 0, int(suffix), "") if suffix.isdigit() else (prefixes.index(prefix), 1, 0,
+                                                                                      suffix)
+
+    return sorted((n for n in names if "@" in n), key=key) + [n for n in names if "@" not in n]
 
 
-def table(runs: list[dict]) -> tuple[list[str], list[list]]:
-    """Header and rows: the model's identity (run, model, method, factor, fine_tuned), then for each task of the
-    registry that some run has: its descriptive columns (``describe``) and its summary metrics (``summary``)."""
+def columns_by_task(runs: list[dict]) -> dict[str, list[str]]:
+    """The columns of each task of the registry that some run has: its descriptive columns (``describe``), then its
+    summary metrics (``summary``) in ``_column_order``."""
     columns: dict[str, list[str]] = {}
     for name, task in EVAL_TASKS.items():
         results = [r["results"][name] for r in runs if name in r["results"]]
@@ -98,6 +104,13 @@ def table(runs: list[dict]) -> tuple[list[str], list[list]]:
             described = list(dict.fromkeys(k for res in results for k in task.describe(res)))
             columns[name] = described + _column_order(list(dict.fromkeys(k for res in results
                                                                              for k in task.summary(res))))
+    return columns
+
+
+def table(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """Header and rows: the model's identity (run, model, method, factor, fine_tuned), then each task's columns
+    (``columns_by_task``)."""
+    columns = columns_by_task(runs)
     header = IDENTITY + [c for cols in columns.values() for c in cols]
     rows = []
     for r in runs:
@@ -111,13 +124,17 @@ def table(runs: list[dict]) -> tuple[list[str], list[list]]:
     return header, rows
 
 
-def _cell(name: str, v) -> str:
+def cell_formats(runs: list[dict]) -> dict[str, str]:
+    """Column -> format spec, from the ``formats`` of the task that owns the column."""
+    return {c: spec for name, cols in columns_by_task(runs).items() for c in cols
+            for prefix, spec in EVAL_TASKS[name].formats if c.startswith(prefix)}
+
+
+def _cell(name: str, v, formats: dict[str, str]) -> str:
     if v is None:
         return "-"
-    for task in EVAL_TASKS.values():
-        for prefix, spec in task.formats:
-            if name.startswith(prefix) and isinstance(v, (int, float)) and not isinstance(v, bool):
-                return format(v, spec)
+    if name in formats and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format(v, formats[name])
     if name == "fine_tuned":
         return "yes" if v else "no"
     return f"{v:g}" if isinstance(v, float) else str(v)
@@ -125,7 +142,8 @@ def _cell(name: str, v) -> str:
 
 def markdown(header: list[str], rows: list[list], runs: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(h, v) for h, v in zip(header, row)) + " |" for row in rows]
+    formats = cell_formats(runs)
+    lines += ["| " + " | ".join(_cell(h, v, formats) for h, v in zip(header, row)) + " |" for row in rows]
     definitions = sorted({res["definition"] for r in runs for res in r["results"].values()})
     lines += ["", "Definitions:"] + [f"- {d}." for d in definitions]
     return "\n".join(lines) + "\n"
@@ -150,8 +168,10 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def log_wandb(out: Path, header: list[str], rows: list[list], images: list[Path], project: str) -> str:
-    """Log the table and images to one W&B run; returns the run's directory."""
+def log_wandb(out: Path, header: list[str], rows: list[list], formats: dict[str, str], images: list[Path],
+              project: str) -> str:
+    """Log the table (cells formatted with ``formats``, see ``cell_formats``) and images to one W&B run; returns the
+    run's directory."""
     import wandb
 
     try:
@@ -159,7 +179,7 @@ def log_wandb(out: Path, header: list[str], rows: list[list], images: list[Path]
     except Exception as e:  # noqa: BLE001 - wandb raises its own error types for missing keys and bad modes
         raise EvalError(f"W&B did not start ({str(e).splitlines()[0]}); log in, or set WANDB_MODE=offline") from None
     try:
-        run.log({"compare": wandb.Table(columns=header, data=[[_cell(h, v) for h, v in zip(header, r)]
+        run.log({"compare": wandb.Table(columns=header, data=[[_cell(h, v, formats) for h, v in zip(header, r)]
                                                                for r in rows])})
         run.log({p.stem: wandb.Image(str(p)) for p in images})
         return run.dir
@@ -187,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"columns": header, "rows": rows, "files": [str(out / "compare.md"), str(out / "compare.csv")]
               + [str(p) for p in images]}
     if args.wandb:
-        result["wandb_dir"] = log_wandb(out, header, rows, images, args.wandb_project)
+        result["wandb_dir"] = log_wandb(out, header, rows, cell_formats(runs), images, args.wandb_project)
     if args.json:
         print(json.dumps(result), flush=True)
     return result

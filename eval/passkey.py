@@ -269,9 +269,15 @@ def plot(entries: list[tuple[dict, dict]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def check(s: PasskeySettings, tokenizer) -> None:
+    """``EvalTask.check``: the shortest length holds a prompt and its answer under ``tokenizer``."""
+    build_prompt(tokenizer, min(s.lengths), s.depths[0], pass_key(s.seed, min(s.lengths), s.depths[0], 0),
+                 s.max_new_tokens)
+
+
 EVAL_TASK = EvalTask(
     name="passkey",
-    module=__name__,
+    module="eval.passkey",  # not __name__: that is "__main__" under `python -m`
     description="Passkey retrieval: a 5-digit key at a depth of a long prompt, greedy answer (eval/passkey.py).",
     settings=PasskeySettings,
     run=run,
@@ -284,6 +290,7 @@ EVAL_TASK = EvalTask(
     files=("passkey.json", "passkey.md", "passkey.png"),
     formats=(("passkey", ".0%"),),
     plot=plot,
+    check=check,
     renamed={"passkey_lengths": "lengths", "passkey_depths": "depths", "passkey_trials": "trials"},
 )
 
@@ -294,7 +301,7 @@ def add_append(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return task_main(EVAL_TASK, argv, extra=add_append,
+    return task_main(EVAL_TASK, argv, __doc__, extra=add_append,
                      finish=lambda args, folder, result: (_merge_previous(folder / "passkey.json", result)
                                                           if args.append else result))
 

@@ -31,7 +31,7 @@ from eval.common import EvalError, EvalModel, Timer, length_axis, log, plot_line
 from eval.task import EvalTask, task_main
 from models.loss import IGNORE_INDEX, causal_lm_parts, chunked_causal_lm_loss
 from utils.cli import exit_process, run_cli
-from utils.files import save_figure, write_atomic, write_json
+from utils.files import save_figure, user_path, write_atomic, write_json
 from utils.schema import MAX_TOKENS, Length, StrictModel
 
 MODES = ("sliding", "truncate")
@@ -58,7 +58,7 @@ class PerplexitySettings(StrictModel):
     """The perplexity definition (see the module docstring)."""
     stride: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     """Sliding stride in tokens (sliding only; default: half the length)."""
-    data: list[str] = ["bundled"]
+    data: list[str] = Field(default=["bundled"], min_length=1)
     """'bundled' (the bundled held-out split, which training never reads), local .txt/.jsonl files or folders, or
     one dataset name."""
     split: str = "test"
@@ -239,12 +239,14 @@ def data_source(data: list[str]) -> str:
     EvalError otherwise."""
     if data == ["bundled"]:
         return "bundled"
-    if data and all(Path(d).exists() for d in data):
+    if not data:
+        raise EvalError("data names nothing; give 'bundled', existing files, or one dataset name")
+    if all(user_path(d).exists() for d in data):
         return "files"
     if len(data) == 1 and not Path(data[0]).suffix:
         return "dataset"
-    missing = [d for d in data if not Path(d).exists()]
-    raise EvalError(f"--data: file not found: {', '.join(missing)} (give 'bundled', existing files, or one dataset "
+    missing = [d for d in data if not user_path(d).exists()]
+    raise EvalError(f"data file not found: {', '.join(missing)} (give 'bundled', existing files, or one dataset "
                     "name)")
 
 
@@ -260,7 +262,7 @@ def load_texts(data: list[str], split: str = "test", text_field: str = "text", m
         docs = load_corpus("heldout")
         texts, desc = [d.text for d in docs], "bundled held-out split (" + ", ".join(d.name for d in docs) + ")"
     elif source == "files":
-        texts, desc = _read_files([Path(d) for d in data], text_field), "files: " + ", ".join(data)
+        texts, desc = _read_files([user_path(d) for d in data], text_field), "files: " + ", ".join(data)
     else:
         texts, desc = load_hub_texts(data[0], split, text_field), f"dataset {data[0]} split {split}"
     texts = [t for t in texts if t.strip()][:max_docs]
@@ -380,7 +382,7 @@ def plot(entries: list[tuple[dict, dict]], path: Path) -> None:
 
 EVAL_TASK = EvalTask(
     name="perplexity",
-    module=__name__,
+    module="eval.perplexity",  # not __name__: that is "__main__" under `python -m`
     description="Perplexity at long context lengths (sliding windows or truncated documents; eval/perplexity.py).",
     settings=PerplexitySettings,
     run=run,
@@ -398,7 +400,7 @@ EVAL_TASK = EvalTask(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return task_main(EVAL_TASK, argv)
+    return task_main(EVAL_TASK, argv, __doc__)
 
 
 if __name__ == "__main__":

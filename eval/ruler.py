@@ -512,9 +512,17 @@ def plot(entries: list[tuple[dict, dict]], path: Path) -> None:
                path, unit_range=True)
 
 
+def check(s: RulerSettings, tokenizer) -> None:
+    """``EvalTask.check``: every task's prompt and answer fit the shortest length under ``tokenizer`` (and its chat
+    template, if asked for, exists)."""
+    for task in dict.fromkeys(s.tasks):
+        build_sample(tokenizer, task, min(s.lengths), s.depths[0] if TASKS[task].has_depth else None, 0, s.seed,
+                     s.chat_template)
+
+
 EVAL_TASK = EvalTask(
     name="ruler",
-    module=__name__,
+    module="eval.ruler",  # not __name__: that is "__main__" under `python -m`
     description="The RULER-style synthetic suite: needles, variable tracking, word extraction (eval/ruler.py).",
     settings=RulerSettings,
     run=run,
@@ -527,13 +535,14 @@ EVAL_TASK = EvalTask(
     files=("ruler.json", "ruler.md", "ruler_*.png"),
     formats=(("ruler@", ".2f"),),
     plot=plot,
+    check=check,
     renamed={"ruler_lengths": "lengths", "ruler_tasks": "tasks", "ruler_depths": "depths",
              "ruler_samples": "samples"},
 )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return task_main(EVAL_TASK, argv)
+    return task_main(EVAL_TASK, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ command line take the same names, bounds and defaults, and ``settings_argv`` wri
 from __future__ import annotations
 
 import argparse
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -77,6 +76,10 @@ class EvalTask:
     """Descriptive columns of a result for ``eval.compare`` (e.g. the perplexity definition), before its metrics."""
     plot: Callable[[list[tuple[dict, dict]], Path], None] | None = None
     """``eval.compare``'s picture of the task: (model info, result) of every run that has it -> ``<name>.png``."""
+    check: Callable[[Settings, Any], None] | None = None
+    """What a run can refuse before it trains: ``check(settings, tokenizer)`` raises EvalError when a prompt of these
+    settings cannot be built with this tokenizer (too short a length for the prompt and its answer; no chat
+    template). training/preflight.py calls it."""
     renamed: Mapping[str, str] = field(default_factory=dict)
     """Flat ``eval:`` keys of older configs -> the field that replaced them (``passkey_lengths`` -> ``lengths``), so
     that an old config is refused with the new name."""
@@ -89,12 +92,18 @@ class EvalTask:
 # ---------------------------------------------------------------------------------- settings <-> command line
 
 
-def _kind(annotation) -> str:
-    """``flag`` (bool), ``words`` (a list of free text), ``list`` (numbers or names, comma-separated) or ``value``."""
+def _bare(annotation):
+    """The annotation without ``| None`` and ``Annotated[...]``."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _kind(annotation) -> str:
+    """``flag`` (bool), ``words`` (a list of free text), ``list`` (numbers or names, comma-separated) or ``value``."""
+    annotation = _bare(annotation)
     if annotation is bool:
         return "flag"
     if typing.get_origin(annotation) is list:
@@ -116,11 +125,14 @@ def add_settings_args(parser: argparse.ArgumentParser, settings: type[StrictMode
         if kind == "flag":
             flag = f"--no-{name.replace('_', '-')}" if default else option(name)
             g.add_argument(flag, dest=name, action="store_false" if default else "store_true",
-                           default=argparse.SUPPRESS, help=doc + (" (on by default)" if default else ""))
+                           default=argparse.SUPPRESS, help=("turns this off: " if default else "") + doc)
             continue
-        shown = ",".join(map(str, default)) if kind == "list" else " ".join(default) if kind == "words" else default
+        choices = typing.get_args(_bare(f.annotation)) if typing.get_origin(_bare(f.annotation)) is Literal else None
+        shown = {"list": lambda: "comma-separated; default: " + ",".join(map(str, default)),
+                 "words": lambda: "space-separated; default: " + " ".join(default)}.get(kind, lambda: (
+                     "" if default is None else f"default: {default}"))()
         g.add_argument(option(name), dest=name, nargs="+" if kind == "words" else None, default=argparse.SUPPRESS,
-                       help=f"{doc} (default: {shown})")
+                       choices=choices, help=doc + (f" ({shown})" if shown else ""))
 
 
 def settings_from_args(settings: type[StrictModel], args: argparse.Namespace):
@@ -136,8 +148,10 @@ def settings_from_args(settings: type[StrictModel], args: argparse.Namespace):
     except ValidationError as e:
         err = e.errors()[0]
         msg = err["msg"].removeprefix("Value error, ")
-        where = option(str(err["loc"][0])) + ": " if err["loc"] else ""
-        raise EvalError(f"{where}{msg}") from None
+        if err["loc"]:  # a field's own check: name the option and the value given
+            name = str(err["loc"][0])
+            raise EvalError(f"{option(name)}: {msg} (got {getattr(args, name)!r})") from None
+        raise EvalError(msg) from None
 
 
 def settings_argv(settings_value) -> list[str]:
@@ -164,13 +178,13 @@ def settings_argv(settings_value) -> list[str]:
 # ------------------------------------------------------------------------------------------------- the command
 
 
-def task_main(task: EvalTask, argv: list[str] | None = None,
+def task_main(task: EvalTask, argv: list[str] | None = None, doc: str | None = None,
               extra: Callable[[argparse.ArgumentParser], None] | None = None,
               finish: Callable[[argparse.Namespace, Path, dict], dict] | None = None) -> dict:
     """``python -m <task.module>``: the model options (eval.common), the task's settings as options, then ``run``
-    and ``write`` for each model variant into ``<--out>/<model slug>/``. ``extra`` adds options of the command
-    alone; ``finish(args, folder, result)`` may change a result before it is written (passkey's ``--append``)."""
-    doc = sys.modules[task.module].__doc__
+    and ``write`` for each model variant into ``<--out>/<model slug>/``. ``doc``: the help text (the module's
+    docstring); ``extra`` adds options of the command alone; ``finish(args, folder, result)`` may change a result
+    before it is written (passkey's ``--append``)."""
     ap = argparse.ArgumentParser(prog=f"python -m {task.module}", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)

@@ -561,11 +561,15 @@ def sweep_metric(sweep: Sweep, metric: str | None) -> dict:
     common = {m: g for m, g in goals[0].items() if all(m in other for other in goals)}
     if metric is None:
         first = next(((task, s) for task, s in configured(sweep.runs[0].cfg.eval) if task.objective), None)
-        if first is None or first[0].objective(first[1]) not in common:
+        if first is None:
             raise SweepError("the W&B sweep needs a metric every run evaluates: add an eval: task section ("
                              f"{', '.join('eval.' + name for name in EVAL_TASKS)}) with the target length to the "
                              "runs' config, or pass --metric loss")
         metric = f"eval/{first[0].objective(first[1])}"
+        if metric.removeprefix("eval/") not in common:
+            raise SweepError(f"the default objective {metric} (the first run's {first[0].name} task) is not evaluated "
+                             "by every run; pass --metric with one they all evaluate (choices: "
+                             f"{', '.join('eval/' + m for m in common) or 'none'}) or loss")
     name = metric.removeprefix("eval/")
     if not metric.startswith("eval/") or name not in common:
         choices = ", ".join(f"eval/{m}" for m in common) or "none: the runs have no eval: task in common"

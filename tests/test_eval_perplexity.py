@@ -190,7 +190,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
 
     assert run_cli(main, ["--model", "tiny-llama", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --data: file not found")
+    assert len(err) == 1 and err[0].startswith("error: data file not found")
     assert run_cli(main, ["--model", "tiny-llama", "--rope", "yarn", "--lengths", "256"]) == 2
     assert "needs --factor" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

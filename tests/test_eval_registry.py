@@ -10,14 +10,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from configs.schema import ConfigError, load_run_config
 from eval.common import EvalError, load_eval_model
 from eval.registry import EVAL_TASKS, TASK_MODULES, configured
-from eval.task import add_settings_args, settings_argv, settings_from_args
+from eval.task import EvalTask, add_settings_args, settings_argv, settings_from_args
+from tests.helpers import train
+from training.evaluate import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +70,7 @@ def test_command_line_values_are_checked_with_the_option_named():
         (perplexity, ["--mode", "truncate", "--stride", "8"], "stride applies to mode sliding only"),
         (perplexity, ["--lengths", "64", "--stride", "64"], "stride must be below the shortest length (64)"),
         (perplexity, ["--lengths", "64", "--max-tokens", "32"], "max_tokens applies to mode sliding only"),
-        (perplexity, ["--data", "no/such.txt"], "--data: file not found: no/such.txt"),
+        (perplexity, ["--data", "no/such.txt"], "data file not found: no/such.txt"),
     ]:
         with pytest.raises(EvalError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse(task, argv)
@@ -77,11 +81,15 @@ def test_old_flat_eval_keys_are_refused_with_their_new_name(tmp_path):
         for old, new in task.renamed.items():
             with pytest.raises(ConfigError) as e:
                 load_run_config("configs/cpu_tiny.yaml", [f"eval.{old}=[512]"])
-            assert f"eval.{old} is now eval.{name}.{new}" in str(e.value)
+            assert str(e.value).startswith(f"eval: '{old}' is now 'eval.{name}.{new}'")
     with pytest.raises(ConfigError, match="'eval.passkey.trails'; did you mean 'eval.passkey.trials'"):
         load_run_config("configs/cpu_tiny.yaml", ["eval.passkey.trails=2"])
     with pytest.raises(ConfigError, match="unknown config key 'eval.passky'; did you mean 'eval.passkey'"):
         load_run_config("configs/cpu_tiny.yaml", ["eval.passky.trials=2"])
+    with pytest.raises(ConfigError, match="eval.perplexity.data: List should have at least 1 item"):
+        load_run_config("configs/cpu_tiny.yaml", ["eval.perplexity.data=[]"])
+    with pytest.raises(ConfigError, match="eval: names no task; give eval.perplexity, eval.passkey or eval.ruler"):
+        load_run_config("configs/cpu_tiny.yaml", ["eval={}"])
     with pytest.raises(ConfigError, match="eval.perplexity: stride applies to mode sliding only"):
         load_run_config("configs/cpu_tiny.yaml", ["eval.perplexity={mode: truncate, stride: 8}"])
     cfg = load_run_config("configs/cpu_tiny.yaml", ["eval.ruler.samples=3", "eval.passkey={}"])
@@ -109,6 +117,31 @@ def test_each_task_reports_the_metrics_it_declares_and_writes_its_files(tmp_path
         for pattern in task.files:
             assert list(folder.glob(pattern)), (name, pattern)
         assert json.loads((folder / task.result_file).read_text())["kind"] == name
+
+
+@pytest.mark.slow
+def test_in_run_evaluation_gives_each_task_the_table_its_own_command_would(tmp_path, monkeypatch):
+    """Dynamic NTK keeps the largest table a model has seen: after perplexity at 4x the native length, a task that
+    scores 2x must see the model as a fresh load does (the recipe loads the model again for such methods). The probe
+    task (registered here beside the real ones) records the summed logits of one 512-token window."""
+    run = tmp_path / "run"
+    train(run, "rope.method=dynamic_ntk", "train.max_steps=2", "wandb.enabled=false")
+    ids = torch.randint(0, 200, (1, 512), generator=torch.Generator().manual_seed(0))
+
+    def probe(em, settings) -> dict:
+        with torch.inference_mode():
+            return dict(kind="probe", model=em.info, definition="probe", logits=float(em.model(input_ids=ids).logits
+                                                                                         .double().sum()))
+
+    monkeypatch.setitem(EVAL_TASKS, "probe", EvalTask(
+        name="probe", module="tests.test_eval_registry", description="probe", settings=dict, run=probe,
+        write=lambda result, folder: None, summary=lambda result: {"logits": result["logits"]},
+        metrics=lambda s: ["logits"], goal="maximize", files=()))
+    sections = {name: None for name in EVAL_TASKS}
+    sections.update(perplexity=EVAL_TASKS["perplexity"].settings(lengths=[1024], mode="truncate"), probe={})
+    summary, _ = evaluate_run(SimpleNamespace(eval=SimpleNamespace(**sections)), run)
+    fresh = probe(load_eval_model(str(run), {}), {})["logits"]
+    assert summary["eval/logits"] == fresh and "eval/ppl@1024" in summary
 
 
 TOY = '''"""Next-token top-1 accuracy over the first tokens of a fixed text (a toy evaluation task)."""
@@ -142,7 +175,7 @@ def run(em: EvalModel, s: Top1Settings) -> dict:
 
 
 EVAL_TASK = EvalTask(
-    name="top1", module=__name__, description="Next-token top-1 accuracy (a toy task).", settings=Top1Settings,
+    name="top1", module="eval.top1", description="Next-token top-1 accuracy (a toy task).", settings=Top1Settings,
     run=run, write=lambda result, folder: write_json(folder / "top1.json", result),
     summary=lambda result: {f"top1@{n}": v for n, v in result["by_length"].items()},
     metrics=lambda s: [f"top1@{n}" for n in s.lengths], goal="maximize", files=("top1.json",),
@@ -151,7 +184,7 @@ EVAL_TASK = EvalTask(
 
 
 def main(argv=None):
-    return task_main(EVAL_TASK, argv)
+    return task_main(EVAL_TASK, argv, __doc__)
 
 
 if __name__ == "__main__":
@@ -202,3 +235,16 @@ def test_a_new_task_is_one_module_and_one_registry_line(tmp_path):
     run_sweep("--training-free")
     assert list((tmp_path / "sweep" / "training-free" / "factor-2").glob("*/top1.json"))
 
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.passkey.lengths=[128]", "error: eval.passkey: length 128 is too short for a passkey prompt"),
+    ("eval.ruler={lengths: [256], tasks: [cwe]}", "error: eval.ruler: length 256 is too short for cwe"),
+])
+def test_a_prompt_that_cannot_fit_is_refused_before_training(tmp_path, override, message):
+    """``EvalTask.check`` runs in the preflight (here through ``--dry-run``), not after the training it would waste."""
+    r = subprocess.run([sys.executable, "train.py", "--config", "configs/cpu_tiny.yaml", "--set", override, "--set",
+                        f"output.dir={tmp_path / 'run'}", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-500:]
+    assert not (tmp_path / "run").exists()

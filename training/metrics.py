@@ -80,9 +80,9 @@ class MetricsLog:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if record["step"] % self.log_every == 0:
-            self.bar.write(f"[train] step {record['step']}/{self.total} loss {record['loss']:.4f} "
-                           f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
-                           f"peak {record['peak_mem_gib']:.2f} GiB")
+            self.bar.write(log.line(f"step {record['step']}/{self.total} loss {record['loss']:.4f} "
+                                    f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
+                                    f"peak {record['peak_mem_gib']:.2f} GiB"))
 
     def record_eval(self, summary: dict, files: list[Path], folder: Path) -> None:
         """The in-run evaluation's summary metrics (``eval/ppl@L``, ``eval/passkey@L``, ``eval/ruler@L``, ...):

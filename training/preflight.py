@@ -4,8 +4,8 @@
 against ``--resume``, the precision and attention kernel this machine can give, the model config with the RoPE
 method applied (and the training length against the model's original context), sequence parallelism against the
 model's heads, the process count and the rows (training/parallel.py), the weights' format (pickles only
-with ``model.allow_pickle``), the tokenizer, the files the data sources name, and the DeepSpeed JSON with its
-``auto`` values filled. Each refusal is a UserError (one ``error:`` line, exit status 2); nothing is written. (What
+with ``model.allow_pickle``), the tokenizer, the evaluation tasks' prompts against it (``EvalTask.check``: a length too short for a
+prompt and its answer), the files the data sources name, and the DeepSpeed JSON with its ``auto`` values filled. Each refusal is a UserError (one ``error:`` line, exit status 2); nothing is written. (What
 only reading the documents can find, such as a truncated ``.gz``, is found when rank 0 packs the data: still before
 the run folder is written, see train.py's setup.)
 """
@@ -18,12 +18,14 @@ from pathlib import Path
 
 from configs.schema import RunConfig
 from data.sources import expand_files
+from eval.common import EvalError
+from eval.registry import configured
 from models.load import check_weights_format
 from training.checkpoint import prepare_run_dir
 from training.engine import ds_config
 from training.model import model_config, tokenizer_of
 from training.parallel import check_offload_checkpoints, check_sequence_parallel
-from training.runtime import attn_implementation, choose_precision, device
+from training.runtime import TrainError, attn_implementation, choose_precision, device
 
 
 @dataclass
@@ -54,6 +56,12 @@ def preflight(cfg: RunConfig, resume: str | None) -> Preflight:
     if cfg.model.init == "pretrained":
         check_weights_format(cfg.model.name, cfg.model.allow_pickle)
     tokenizer = tokenizer_of(cfg)
+    for task, settings in configured(cfg.eval):
+        if task.check is not None:
+            try:
+                task.check(settings, tokenizer)
+            except EvalError as e:
+                raise TrainError(f"eval.{task.name}: {e}") from None
     for spec in cfg.data.sources:
         if spec.kind == "files":
             expand_files(spec.path)  # a glob that matches nothing, a missing file, an unsupported type

@@ -33,10 +33,13 @@ class Log:
     def __init__(self, tag: str, *, err: bool = False, rank0: bool = False) -> None:
         self.tag, self.err, self.rank0 = tag, err, rank0
 
+    def line(self, msg: str) -> str:
+        """``msg`` as this printer writes it (for a writer of its own, such as a progress bar's)."""
+        return f"[{self.tag} {time.monotonic() - START:.0f}s] {msg}"
+
     def __call__(self, msg: str) -> None:
         if self.rank0 and rank() != 0:
             return
-        line = f"[{self.tag} {time.monotonic() - START:.0f}s] {msg}"
         stream = sys.stderr if self.err else sys.stdout
         with _LOCK:
-            print(line, file=stream, flush=True)
+            print(self.line(msg), file=stream, flush=True)
