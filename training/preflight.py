@@ -3,11 +3,12 @@
 ``preflight(cfg, resume)`` is the first step of the recipe's setup and of ``train.py --dry-run``: the run folder
 against ``--resume``, the precision and attention kernel this machine can give, the model config with the RoPE
 method applied (and the training length against the model's original context), sequence parallelism against the
-model's heads, the process count and the rows (training/parallel.py), the weights' format (pickles only
-with ``model.allow_pickle``), the tokenizer, the evaluation tasks' prompts against it (``EvalTask.check``: a length too short for a
-prompt and its answer), the files the data sources name, and the DeepSpeed JSON with its ``auto`` values filled. Each refusal is a UserError (one ``error:`` line, exit status 2); nothing is written. (What
-only reading the documents can find, such as a truncated ``.gz``, is found when rank 0 packs the data: still before
-the run folder is written, see train.py's setup.)
+model's heads, the process count and the rows (training/parallel.py), the weights' format (pickles only with
+``model.allow_pickle``), the tokenizer, the evaluation tasks' prompts against it (``EvalTask.check``: a length too
+short for a prompt and its answer), the files the data sources name, and the DeepSpeed JSON with its ``auto``
+values filled. Each refusal is a UserError (one ``error:`` line, exit status 2); nothing is written. (What only
+reading the documents can find, such as a truncated ``.gz``, is found when rank 0 packs the data: still before the
+run folder is written, see train.py's setup.)
 """
 
 from __future__ import annotations
