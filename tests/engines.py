@@ -1,8 +1,8 @@
 """Engines nobody here wrote, each in its own virtual environment under the cache (``utils.files.cache_dir``), made
 from the package registry on first use: transformers 4.57 and llama.cpp (``llama-cpp-python``, compiled from its
 source distribution for this CPU). The pins are in ``tests/engines/<name>.txt``; the environment's folder name carries
-a digest of the pins, the build settings, the Python version and the CPU's flags (llama.cpp is compiled with ``-march=native``), so a
-change of any of them makes a new one. A file lock lets two test workers share one build."""
+a digest of the pins, the build settings, the Python version and the CPU's flags (llama.cpp is compiled with
+``-march=native``), so a change of any of them makes a new one. A file lock lets two test workers share one build."""
 
 import fcntl
 import hashlib
