@@ -190,7 +190,7 @@ def test_cpu_sweep_of_three_methods_by_two_factors_writes_table_and_plots(full_s
         # the in-run evaluation's summary metrics: in eval/summary.json and in the W&B run (its summary)
         summary = json.loads((run / "eval" / "summary.json").read_text())
         assert set(summary) == {"eval/ppl@256", "eval/ppl@512", "eval/ppl@1024", "eval/passkey@512",
-                                "eval/passkey@1024"}
+                                "eval/passkey@1024", "eval/passkey_all"}
         row = table[(saved["rope"]["method"], float(saved["rope"]["factor"]))]
         assert summary["eval/ppl@1024"] == float(row["ppl@1024"])
         [wandb_file] = (run / "wandb").glob("offline-run-*/run-*.wandb")
