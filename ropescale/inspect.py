@@ -18,6 +18,7 @@ import json
 import math
 
 from ropescale.apply import head_dim_of, original_context, partial_rotary_factor_of, rope_of
+from ropescale import theory
 from ropescale.methods import ROPE_METHODS, RopeConfigError, rotary_dim, validate_method
 
 _TOL = 1e-6  # relative: float32 frequencies carry ~1e-7
@@ -52,7 +53,8 @@ def rope_table(head_dim: int, base: float, original_len: int, method: str, facto
     return {"method": method, "factor": float(factor), "params": {**ROPE_METHODS[method].defaults, **params},
             "head_dim": head_dim, "rotary_dim": dim, "partial_rotary_factor": partial_rotary_factor, "base": base,
             "original_len": original_len, "target_len": target, "inv_freq": inv.tolist(),
-            "attention_scale": attention, "logit_scale": attention**2, "rows": rows}
+            "attention_scale": attention, "logit_scale": attention**2,
+            "spectrum": theory.spectrum(head_dim, base, original_len, partial_rotary_factor), "rows": rows}
 
 
 def format_table(t: dict) -> str:
@@ -68,6 +70,10 @@ def format_table(t: dict) -> str:
     lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
     lines.append(f"attention scale {t['attention_scale']:.6g} (multiplies cos and sin; q.k logits x "
                  f"{t['logit_scale']:.6g})")
+    s = t["spectrum"]
+    lines.append(f"the model's spectrum within L (NTK-by-parts regions): {s['high_share']:.0%} of pairs turn more than "
+                 f"{s['beta']:g} times (kept), {s['ramp_share']:.0%} between, {s['low_share']:.0%} less than "
+                 f"{s['alpha']:g} time (interpolated)")
     return "\n".join(lines)
 
 

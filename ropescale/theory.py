@@ -66,6 +66,22 @@ def unturned(theta: torch.Tensor, original_len: int) -> torch.Tensor:
     return original_len * theta < 2 * math.pi * (1 - _TOL)
 
 
+def spectrum(head_dim: int, base: float, original_len: int, partial_rotary_factor: float = 1.0) -> dict:
+    """How a model's rotary pairs fall into NTK-by-parts' regions (YaRN paper, section 3.2) at its defaults
+    (alpha 1, beta 32 from ``ROPE_METHODS["ntk_by_parts"]``): the share of pairs that turn more than beta times
+    within L (``high``: left alone), fewer than alpha times (``low``: interpolated like PI) and between (``ramp``),
+    with the counts and the thresholds. A real model has about a third in each (Llama-2-7B 33/39/28%, SmolLM2-135M
+    34/28/38%); a short native context leaves no pair for by-parts to keep (head_dim 64, base 1e4, L 256: 3/38/59%)."""
+    defaults = ROPE_METHODS["ntk_by_parts"].defaults
+    alpha, beta = defaults["alpha"], defaults["beta"]
+    theta, _ = frequencies(head_dim, base, original_len, "none", 1.0, None, partial_rotary_factor)
+    turns = original_len * theta.double() / (2 * math.pi)
+    n = turns.numel()
+    high, low = int((turns > beta).sum()), int((turns < alpha).sum())
+    return {"alpha": alpha, "beta": beta, "pairs": n, "high": high, "ramp": n - high - low, "low": low,
+            "high_share": high / n, "ramp_share": (n - high - low) / n, "low_share": low / n}
+
+
 def out_of_bound(theta: torch.Tensor, scaled: torch.Tensor, original_len: int, length: int) -> torch.Tensor:
     """Bool ``[rotary_dim/2]``: pairs whose angles up to ``length`` leave the arc seen in training."""
     return unturned(theta, original_len) & (length * scaled > original_len * theta * (1 + _TOL))

@@ -7,10 +7,12 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from launch.rope_cli import main
+from ropescale import theory
 from ropescale.apply import apply_rope
 from ropescale.inspect import format_table, rope_table
 from ropescale.methods import ROPE_METHODS
@@ -56,7 +58,7 @@ def test_table_rows_are_consistent():
     ntk = [r["region"] for r in rope_table(64, 1e5, 8192, "ntk_aware", 4.0)["rows"]]
     assert ntk[0] == "extrapolated" and ntk[-1] == "interpolated" and set(ntk[1:-1]) == {"blended"}
     text = format_table(t)
-    assert "attention scale 1 " in text and len(text.splitlines()) == 32 + 4
+    assert "attention scale 1 " in text and len(text.splitlines()) == 32 + 5  # header, columns, counts, scale, spectrum
 
 
 def test_dynamic_methods_are_shown_at_the_target_length():
@@ -112,3 +114,15 @@ def test_plot_to_a_missing_folder_fails_cleanly(tmp_path, capsys):
     assert main(["inspect", "--head-dim", "64", "--base", "1e4", "--original", "2048", "--method", "yarn",
                  "--factor", "4", "--plot", str(tmp_path / "no" / "p.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_committed_testbed_spectrum_is_printed_from_its_config(capsys):
+    """``inspect --model`` reports the model's NTK-by-parts regions, read from its config.json."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "models/testbed/config.json").read_text())
+    assert main(["inspect", "--model", "models/testbed", "--method", "yarn", "--factor", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["spectrum"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    base = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
+    assert got == theory.spectrum(head_dim, base, cfg["max_position_embeddings"])
+    assert main(["inspect", "--model", "models/testbed", "--method", "yarn", "--factor", "4"]) == 0
+    assert f"{got['high_share']:.0%} of pairs turn more than 32 times" in capsys.readouterr().out

@@ -128,3 +128,24 @@ def test_bad_input_is_one_clear_error():
         theory.method_theory(**LLAMA2, target=8192, method="yarm", factor=2.0)
     with pytest.raises(RopeConfigError, match="digits"):
         theory.base_lower_bound(128, 4096, digits=0)
+
+
+@pytest.mark.parametrize("shape,shares", [
+    (dict(head_dim=128, base=1e4, original_len=4096), (33, 39, 28)),   # Llama-2-7B
+    (dict(head_dim=128, base=1e4, original_len=8192), (41, 38, 22)),   # Mistral-7B
+    (dict(head_dim=128, base=5e5, original_len=8192), (30, 25, 45)),   # Llama-3-8B
+    (dict(head_dim=128, base=1e6, original_len=32768), (38, 25, 38)),  # Qwen3
+    (dict(head_dim=64, base=1e5, original_len=8192), (34, 28, 38)),    # SmolLM2-135M
+    (dict(head_dim=64, base=1e4, original_len=256), (3, 38, 59)),      # a native-256 testbed
+    (dict(head_dim=64, base=1e4, original_len=2048), (28, 38, 34)),
+])
+def test_spectrum_shares_match_a_count_of_turns_per_pair(shape, shares):
+    """The share of pairs in each NTK-by-parts region (> 32 turns within L, between, < 1), against a count written
+    out here: turns of pair i within L = L base^(-2i/d) / (2 pi)."""
+    s = theory.spectrum(**shape)
+    d, L, b = shape["head_dim"], shape["original_len"], shape["base"]
+    turns = [L * b ** (-2 * i / d) / (2 * math.pi) for i in range(d // 2)]
+    assert (s["high"], s["low"]) == (sum(t > 32 for t in turns), sum(t < 1 for t in turns))
+    assert s["high"] + s["ramp"] + s["low"] == s["pairs"] == d // 2
+    assert tuple(round(100 * s[k]) for k in ("high_share", "ramp_share", "low_share")) == shares
+    assert theory.spectrum(**shape, partial_rotary_factor=0.5)["pairs"] == d // 4
