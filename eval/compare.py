@@ -140,9 +140,9 @@ def _cell(name: str, v, formats: dict[str, str]) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def markdown(header: list[str], rows: list[list], runs: list[dict]) -> str:
+def markdown(header: list[str], rows: list[list], runs: list[dict], formats: dict[str, str]) -> str:
+    """The table (cells formatted with ``formats``, see ``cell_formats``) and the results' definitions."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    formats = cell_formats(runs)
     lines += ["| " + " | ".join(_cell(h, v, formats) for h, v in zip(header, row)) + " |" for row in rows]
     definitions = sorted({res["definition"] for r in runs for res in r["results"].values()})
     lines += ["", "Definitions:"] + [f"- {d}." for d in definitions]
@@ -200,14 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
     runs = collect(find_results(args.paths))
     header, rows = table(runs)
     out = Path(args.out)
-    write_atomic(out / "compare.md", markdown(header, rows, runs))
+    formats = cell_formats(runs)
+    write_atomic(out / "compare.md", markdown(header, rows, runs, formats))
     write_atomic(out / "compare.csv", to_csv(header, rows))
     images = plots(runs, out)
     log(f"compare: {len(runs)} runs -> {out}/compare.md, compare.csv, " + ", ".join(p.name for p in images))
     result = {"columns": header, "rows": rows, "files": [str(out / "compare.md"), str(out / "compare.csv")]
               + [str(p) for p in images]}
     if args.wandb:
-        result["wandb_dir"] = log_wandb(out, header, rows, cell_formats(runs), images, args.wandb_project)
+        result["wandb_dir"] = log_wandb(out, header, rows, formats, images, args.wandb_project)
     if args.json:
         print(json.dumps(result), flush=True)
     return result
