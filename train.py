@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(_) -> int:
         cfg = load_run_config(args.config, args.set)
         if args.dry_run:  # nothing distributed starts; the plan uses WORLD_SIZE when a launcher set it
-            preflight(cfg, resume=None)  # a dry run refuses what the run would refuse
-            dry_run(cfg)
+            checked = preflight(cfg, resume=None, plan_only=True)  # a dry run refuses what the run would refuse
+            dry_run(cfg, checked.notes)
             return 0
         try:
             train(cfg, resume=args.resume)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import corpus_tokens, reset_peak, run_children, status_mib  # noqa: E402
 from utils.cli import exit_process  # noqa: E402
 from eval.perplexity import plan_windows, score  # noqa: E402
-from models.loss import IGNORE_INDEX, chunked_causal_lm_loss  # noqa: E402
+from models.loss import IGNORE_INDEX, causal_lm_parts, chunked_causal_lm_loss  # noqa: E402
 from models.load import load_model, load_tokenizer  # noqa: E402
 
 
@@ -74,8 +74,8 @@ def one(name: str, args) -> dict:
         T = L // 2 if name.endswith("half") else L
         hidden = torch.randn(1, T, model.config.hidden_size, requires_grad=True)
         labels = ids[:T][None]
-        head = model.lm_head
-        head.weight.requires_grad_(False)  # the gradient that matters here is the hidden states'
+        _, head = causal_lm_parts(model)
+        head.requires_grad_(False)  # the gradient that matters here is the hidden states'
         base = reset_peak()  # loading the model does not count
         t, c = time.perf_counter(), time.process_time()
         if "full" in name:

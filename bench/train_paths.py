@@ -249,9 +249,9 @@ def ours_steps(cfg, precision: str, batches: list[dict], dev: torch.device) -> d
     order; its bookkeeping, logging and checkpointing are left out), one step per batch of ``batches`` (dicts of
     input_ids, labels, position_ids ``[B, L]``), each timed."""
     precision, why = choose_precision(precision, dev)
-    attn = attn_implementation(cfg, dev)
-    check_offload_checkpoints(cfg, dev)
     config = model_config(cfg)
+    attn = attn_implementation(cfg, dev, config)
+    check_offload_checkpoints(cfg, dev)
     ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = init_distributed(dev)
     try:
@@ -286,8 +286,9 @@ def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], dev: torch.devic
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    attn = attn_implementation(cfg, dev)
-    model = build_model(cfg.model.name, model_config(cfg), dtype=torch.float32, attn_implementation=attn,
+    config = model_config(cfg)
+    attn = attn_implementation(cfg, dev, config)
+    model = build_model(cfg.model.name, config, dtype=torch.float32, attn_implementation=attn,
                         trust_remote_code=cfg.model.trust_remote_code, seed=cfg.train.seed,
                         scratch=cfg.model.init == "scratch")
     if hasattr(model.config, "quantization_config"):

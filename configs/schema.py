@@ -58,6 +58,10 @@ class RopeSection(StrictModel):
     rebase: bool = False
     """Allow replacing a scaling the base model already carries (computed from its original length, never
     compounded)."""
+    layer_types: list[Literal["full_attention", "sliding_attention"]] | None = Field(default=None, min_length=1)
+    """Models with one RoPE per layer type (Gemma 3, OLMo 3): the layer types the method scales. Empty: the
+    full-attention layers only (Gemma 3's own recipe; the sliding-window layers never see positions further apart
+    than their window). Refused for a model with one RoPE for every layer."""
 
     @model_validator(mode="after")
     def _known_method(self):
@@ -77,11 +81,14 @@ class LoraSection(StrictModel):
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    """Module names that get LoRA adapters."""
+    target_modules: list[str] = Field(default=["attention"], min_length=1)
+    """Modules that get LoRA adapters: `attention` (the model family's attention linears, fused ones included),
+    `mlp` (its MLP linears), `all-linear` alone (every linear but the LM head), or module names (models/families.py
+    lists each family's; docs/families.md has the table)."""
     trainable_extra: list[str] = []
-    """Modules trained in full beside LoRA, e.g. [embed_tokens, norm] (LongLoRA, section 3.3: long-context LoRA
-    needs trainable embeddings and norms)."""
+    """Modules trained in full beside LoRA: `embeddings` (the family's input embedding; a tied LM head follows it),
+    `norms` (every norm), or module-name suffixes. LongLoRA, section 3.3: long-context LoRA needs trainable
+    embeddings and norms."""
 
 
 class TrainSection(StrictModel):

@@ -7,9 +7,12 @@ not have, additionally swaps in our rotary module after the build (``ropescale.r
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from models.families import family_of
 from models.load import ModelLoadError, load_config, load_model
 from ropescale.apply import apply_rope, rope_of
 from ropescale.runtime import enable_dynamic_yarn
@@ -27,14 +30,24 @@ def apply_arch(config: PretrainedConfig, arch: dict) -> PretrainedConfig:
 
 def scaled_config(name: str, method: str, factor: float, params: dict | None = None, *,
                   original_len: int | None = None, rebase: bool = False, arch: dict | None = None,
-                  trust_remote_code: bool = False) -> PretrainedConfig:
-    """The config of ``name`` with ``arch`` overrides, then RoPE ``method`` at ``factor`` written into it."""
-    config = apply_arch(load_config(name, trust_remote_code=trust_remote_code), arch or {})
-    return apply_rope(config, method, factor, params, original_len=original_len, rebase=rebase)
+                  layer_types: list[str] | None = None, trust_remote_code: bool = False,
+                  base: PretrainedConfig | None = None) -> PretrainedConfig:
+    """The config of ``name`` (or ``base``, a config given instead) with ``arch`` overrides, then RoPE ``method`` at
+    ``factor`` written into it (on ``layer_types`` of a per-layer-type model; as LongRoPE factors where the family
+    accepts no other type)."""
+    config = copy.deepcopy(base) if base is not None else load_config(name, trust_remote_code=trust_remote_code)
+    config = apply_arch(config, arch or {})
+    return scale(config, method, factor, params, original_len=original_len, rebase=rebase, layer_types=layer_types)
+
+
+def scale(config: PretrainedConfig, method: str, factor: float, params: dict | None = None, **kw) -> PretrainedConfig:
+    """``ropescale.apply.apply_rope`` with the rope types the config's family accepts (models.families): the one
+    way the project writes a method into a model config."""
+    return apply_rope(config, method, factor, params, accepted_types=family_of(config).rope_types, **kw)
 
 
 def build_model(name: str, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32,
-                attn_implementation: str = "sdpa", trust_remote_code: bool = False, seed: int = 0,
+                attn_implementation: str | None = None, trust_remote_code: bool = False, seed: int = 0,
                 scratch: bool = False, allow_pickle: bool = False) -> PreTrainedModel:
     """The model ``name`` built with ``config`` (weights loaded, or random from ``seed`` with ``scratch``); a
     ``dynamic_yarn`` config gets its runtime rotary module. In eval mode, as ``models.load.load_model`` returns it."""
@@ -43,5 +56,6 @@ def build_model(name: str, config: PretrainedConfig, *, dtype: torch.dtype = tor
     if rope_of(config)["method"] == "dynamic_yarn":
         # transformers has no dynamic YaRN; a plain reload of the saved config runs static YaRN at the target
         # factor (docs/ropescale.md).
-        enable_dynamic_yarn(model)
+        family = family_of(config)
+        enable_dynamic_yarn(model, family.rotary, family.interleaved)
     return model

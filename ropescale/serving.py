@@ -30,11 +30,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropescale.apply import head_dim_of, partial_rotary_factor_of, rope_of
+from ropescale.apply import head_dim_of, layer_tables, partial_rotary_factor_of, rope_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError, mscale, rotary_dim, servers_attn_factor
 from utils.files import write_atomic
 
-EXACT, APPROXIMATE, UNSUPPORTED = "exact", "approximate", "unsupported"
+EXACT, APPROXIMATE, UNSUPPORTED, UNCHECKED = "exact", "approximate", "unsupported", "not checked"
 
 # The loaders, with the version whose code the verdicts were read from (docs/serving.md cites file and line).
 LOADERS = {
@@ -136,9 +136,19 @@ def _record(config) -> dict:
 
 def compatibility(config) -> list[Verdict]:
     """One ``Verdict`` per loader in ``LOADERS`` for a config ``apply_rope`` wrote (or any config ``rope_of``
-    reads), assuming config.json carries the keys ``serving_config`` adds (docs/serving.md cites the code)."""
+    reads), assuming config.json carries the keys ``serving_config`` adds (docs/serving.md cites the code). A config
+    with one table per layer type (Gemma 3, OLMo 3) or written as LongRoPE factors (Phi-3) is ``not checked`` for
+    every loader but transformers 5 (the tests reload those in it)."""
     cur = _record(config)
     method, s, L = cur["method"], cur["factor"], cur["original_max_position_embeddings"]
+    record = getattr(config, "ropescale", None) or {}
+    unread = ("one rope_parameters dict per layer type" if layer_tables(config) is not None else
+              "the method written as LongRoPE factors (an architecture that accepts no other type)"
+              if record.get("form") == "longrope" else None)
+    if unread:  # the matrix below was read for one global table in the method's own type
+        return [Verdict(loader, EXACT if loader == "transformers-5" else UNCHECKED,
+                        "" if loader == "transformers-5" else f"{unread}: how this loader reads it was not checked")
+                for loader in LOADERS]
     out = []
     for loader in LOADERS:
         if loader == "llama.cpp":

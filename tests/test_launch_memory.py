@@ -165,7 +165,7 @@ def test_layer_activations_equal_what_autograd_saves_in_the_trained_model(precis
     torch.manual_seed(0)
     # Difference of two lengths: per-token bytes, without the constant autocast copies of LoRA weights.
     measured = (_saved_bytes(model, 512, precision == "bf16") - _saved_bytes(model, 256, precision == "bf16")) / 256
-    planned = layer_activation_bytes(shape_of(config), count_params(cfg, config), setup_of(cfg, 1))
+    planned = layer_activation_bytes(shape_of(config), count_params(cfg, config), setup_of(cfg, 1, config))
     assert planned == measured, (planned, measured)
 
 
@@ -175,7 +175,7 @@ def test_eager_attention_keeps_heads_x_length_squared():
     model = trainable_model(cfg, model_config(cfg), "bf16", "eager").train()
     growth = _saved_bytes(model, 512, True) - _saved_bytes(model, 256, True)
     config, _ = planned_config(cfg)
-    per_token = layer_activation_bytes(shape_of(config), count_params(cfg, config), setup_of(cfg, 1))
+    per_token = layer_activation_bytes(shape_of(config), count_params(cfg, config), setup_of(cfg, 1, config))
     quadratic = 4 * (512**2 - 256**2) * 6  # 4 heads; fp32 probabilities + their bf16 copy
     assert abs(growth - (per_token * 256 + quadratic)) < 0.01 * growth
 

@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from data.corpus import load_corpus
 from ropescale.apply import apply_rope, original_context, rope_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError
-from models.load import TINY_PRESETS, load_config, load_model, tiny_tokenizer
+from models.load import load_config, load_model, tiny_tokenizer
 from ropescale.runtime import enable_dynamic_yarn
 
 L = 256  # the presets' native context
@@ -39,7 +39,9 @@ APPLIED = {
     "longrope": {"short_factor": [1.0 + 0.01 * i for i in range(16)],
                  "long_factor": [1.0 + 0.1 * i for i in range(16)]},
 }
-CASES = [(p, m) for p in TINY_PRESETS for m in APPLIED]
+# The Llama-layout presets; every other family's tables and reloads: tests/test_families.py.
+PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
+CASES = [(p, m) for p in PRESETS for m in APPLIED]
 
 # Runs in a fresh interpreter: -I ignores PYTHONPATH, the user site and the current folder, and the working folder
 # is a temporary one, so only transformers and torch can be imported, never this project.
@@ -255,12 +257,12 @@ def test_non_rope_config_is_refused():
 # --- dynamic YaRN at runtime ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", list(TINY_PRESETS))
+@pytest.mark.parametrize("preset", PRESETS)
 def test_dynamic_yarn_runtime(round_trip, preset):
     """After a reload, enable_dynamic_yarn gives plain RoPE up to L and static YaRN at s = n/L beyond, per row."""
     ids, memory, _ = round_trip
     folder = memory[preset, "dynamic_yarn"][2]
-    dynamic = enable_dynamic_yarn(load_model(str(folder)))
+    dynamic = enable_dynamic_yarn(load_model(str(folder)), "rotary_emb")
     static_yarn = memory[preset, "yarn"][0]
     plain = memory[preset, "none"][0]
     torch.testing.assert_close(logits(dynamic, ids), logits(static_yarn, ids), atol=1e-5, rtol=0)
@@ -277,7 +279,7 @@ def test_dynamic_yarn_runtime(round_trip, preset):
 def test_enable_dynamic_yarn_needs_a_dynamic_yarn_config():
     model = load_model("tiny-llama", config=apply_rope(load_config("tiny-llama"), "yarn", 2.0))
     with pytest.raises(RopeConfigError, match="carries RoPE method 'yarn', not dynamic_yarn"):
-        enable_dynamic_yarn(model)
+        enable_dynamic_yarn(model, "rotary_emb")
 
 
 @pytest.mark.parametrize("method", ["yarn", "ntk_aware", "llama3"])

@@ -357,7 +357,7 @@ def export(cfg: RunConfig, config, trained: dict[str, torch.Tensor], run: Path) 
     carries the scaling natively and the merged weights are base + BA (not bf16-rounded training copies). A write
     that fails (a full disk) removes the partial folders and raises one line with the space needed."""
     model = trainable_model(cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"gradient_checkpointing": False})}), config, "fp32", "sdpa", dtype=torch.float32)
+        update={"gradient_checkpointing": False})}), config, "fp32", None, dtype=torch.float32)
     missing = [n for n in trained if n not in dict(model.named_parameters())]
     if missing:
         raise TrainError(f"export: trained parameters not found in a fresh model: {missing[:3]}")

@@ -29,40 +29,23 @@ Parameter counts come from building the exact model train.py builds (base + LoRA
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import yaml
 
 from configs.schema import ConfigError, RunConfig
 from models.build import apply_arch
+from models.families import PUBLISHED, family_of, head_counts, lora_targets, published_config
 from ropescale.apply import head_dim_of
 from training.checkpoint import public_config
 from training.engine import ds_config
 from training.model import extra_param_names, lora_config  # the same LoRA and trainable extras as the run
-from training.parallel import check_sequence_parallel, head_counts
+from training.parallel import check_sequence_parallel
+from training.runtime import launch_world, planned_attention
 from utils.log import rank
 
 GIB = 2**30
 RESERVE = 0.10  # fraction of GPU memory left for what the plan does not model (see module docstring)
-
-# Published config.json shapes, used only when the config itself cannot be read (the plan says so when it does).
-KNOWN_ARCHITECTURES: dict[str, dict] = {
-    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
-                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                     vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
-    "meta-llama/Llama-2-13b-hf": dict(model_type="llama", hidden_size=5120, intermediate_size=13824,
-                                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                                      vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
-    "meta-llama/Llama-3.1-8B": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
-                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                    vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False),
-    "mistralai/Mistral-7B-v0.1": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
-                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                      vocab_size=32000, max_position_embeddings=32768, tie_word_embeddings=False),
-}
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class MemoryPlanError(ConfigError):
     """A config the memory plan cannot be computed for; one line naming the problem and the fix."""
@@ -70,7 +53,8 @@ class MemoryPlanError(ConfigError):
 
 @dataclass(frozen=True)
 class Shape:
-    """The decoder's sizes: a Llama-family layer is attention (q/k/v/o) + a gated MLP (gate/up/down) + 2 RMSNorms."""
+    """The decoder's sizes and its family's linears (name -> role, models.families.Family.linears): a layer is
+    attention (inputs, then an output projection) + an MLP (inputs, then an output projection) + norms."""
 
     hidden: int
     layers: int
@@ -79,9 +63,13 @@ class Shape:
     head_dim: int
     intermediate: int
     vocab: int
+    linears: dict[str, str]
+    gated_mlp: bool = True
 
     def in_features(self, linear: str) -> int:
-        return {"o_proj": self.heads * self.head_dim, "down_proj": self.intermediate}.get(linear, self.hidden)
+        """Input width of a linear: the attention output for ``attn_out``, the MLP's for ``mlp_out``, else hidden."""
+        role = self.linears[linear]
+        return {"attn_out": self.heads * self.head_dim, "mlp_out": self.intermediate}.get(role, self.hidden)
 
 
 @dataclass(frozen=True)
@@ -92,7 +80,7 @@ class Params:
     trainable: int
     lora: int
     largest_module: int  # the most parameters ZeRO-3 gathers at once: one decoder layer, or the embedding
-    trainable_linears: frozenset[str]  # LINEARS names that train (LoRA targets, or all of them in full fine-tuning)
+    trainable_linears: frozenset[str]  # the family's linears that train (LoRA targets, or all in full fine-tuning)
     embed_trainable: bool
     norm_trainable: bool
 
@@ -154,8 +142,6 @@ class MemoryPlan:
 
 def planned_config(cfg: RunConfig):
     """(config, where it came from): the base model's config with ``model.arch`` overrides applied."""
-    from transformers import AutoConfig
-
     from models.load import ModelLoadError, load_config
 
     name = cfg.model.name
@@ -163,11 +149,11 @@ def planned_config(cfg: RunConfig):
         config = load_config(name, trust_remote_code=cfg.model.trust_remote_code)
         source = "the model's config"
     except ModelLoadError as e:
-        if name not in KNOWN_ARCHITECTURES:
+        if name not in PUBLISHED:
             raise MemoryPlanError(f"{e}; the memory plan needs the model's config (offline it knows only "
-                                  f"{', '.join(KNOWN_ARCHITECTURES)})") from None
-        config = AutoConfig.for_model(**KNOWN_ARCHITECTURES[name])
-        source = "training/memory.py's table of published shapes: the config could not be read here"
+                                  f"{', '.join(PUBLISHED)})") from None
+        config = published_config(name)
+        source = "models/families.py's table of published shapes: the config could not be read here"
     return apply_arch(config, dict(cfg.model.arch)), source
 
 
@@ -176,11 +162,12 @@ def shape_of(config) -> Shape:
     missing = [k for k in needed if getattr(config, k, None) is None]
     if missing:
         raise MemoryPlanError(f"{type(config).__name__} has no {', '.join(missing)}: the memory plan knows "
-                              "Llama-family decoders (Llama, Mistral, Qwen2: q/k/v/o attention + gate/up/down MLP)")
+                              "decoders with attention + MLP blocks (models/families.py)")
     heads, kv_heads = head_counts(config)
+    family = family_of(config)
     return Shape(hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads, kv_heads=kv_heads,
-                 head_dim=head_dim_of(config),
-                 intermediate=config.intermediate_size, vocab=config.vocab_size)
+                 head_dim=head_dim_of(config), intermediate=config.intermediate_size, vocab=config.vocab_size,
+                 linears=family.linears, gated_mlp=family.gated_mlp)
 
 
 def count_params(cfg: RunConfig, config) -> Params:
@@ -200,15 +187,16 @@ def count_params(cfg: RunConfig, config) -> Params:
 
         with warnings.catch_warnings():  # peft calls a transformers accessor deprecated in v5: noise here
             warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(model, lora_config(cfg))
-        for name in extra_param_names(model, cfg.lora.trainable_extra):
+            model = get_peft_model(model, lora_config(cfg, config))
+        for name in extra_param_names(model, config, cfg.lora.trainable_extra):
             model.get_parameter(name).requires_grad_(True)
     else:
         model.requires_grad_(True)
     named = dict(model.named_parameters())
     trainable = {n: p for n, p in named.items() if p.requires_grad}
     modules = {n.rsplit(".", 1)[0] for n in trainable}
-    linears = frozenset(lin for lin in LINEARS if any(f".{lin}" in m or m.endswith(lin) for m in modules))
+    family = family_of(config)
+    linears = frozenset(lin for lin in family.linears if any(lin in m.split(".") for m in modules))
     layer = base.get_decoder().layers[0] if hasattr(base, "get_decoder") else None
     embed = base.get_input_embeddings()
     largest = max(sum(p.numel() for p in layer.parameters()) if layer is not None else 0,
@@ -219,23 +207,23 @@ def count_params(cfg: RunConfig, config) -> Params:
         lora=sum(p.numel() for n, p in trainable.items() if "lora_" in n),
         largest_module=largest,
         trainable_linears=linears,
-        embed_trainable=any("embed_tokens" in m for m in modules),
-        norm_trainable=any(m.endswith("norm") for m in modules),
+        embed_trainable=any(family.embedding in m for m in modules),
+        norm_trainable=any(m.endswith(family.norm) for m in modules),
     )
 
 
 # ----------------------------------------------------------------------------------------------------- settings
 
 
-def setup_of(cfg: RunConfig, world: int) -> Setup:
-    """The memory-relevant settings of ``cfg`` on ``world`` GPUs. ``auto`` precision is planned as bf16 (every
-    current data-centre GPU has it) and ``auto`` attention as sdpa (flash_attention_2 needs no more memory)."""
+def setup_of(cfg: RunConfig, world: int, config) -> Setup:
+    """The memory-relevant settings of ``cfg`` on ``world`` GPUs for a model with ``config``. ``auto`` precision is
+    planned as bf16 (every current data-centre GPU has it) and the attention kernel as ``planned_attention`` says."""
     zero = ds_config(cfg, world).get("zero_optimization", {})
 
     def on_cpu(key: str) -> bool:
         return str(zero.get(key, {}).get("device", "none")).lower() == "cpu"
 
-    attention = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    attention = planned_attention(cfg, config)
     return Setup(
         world=world, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
         precision="bf16" if cfg.train.precision == "auto" else cfg.train.precision,
@@ -285,8 +273,7 @@ def layer_activation_bytes(shape: Shape, p: Params, s: Setup) -> int:
     norms = (0 if b["resid"] == 4 else 4 * h) + 4 * h + 2 * 4
     if p.norm_trainable:
         norms += 2 * b["resid"] * h
-    in_bytes = {lin: b["norm"] if lin in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else b["act"]
-                for lin in LINEARS}
+    in_bytes = {lin: b["norm"] if role in ("attn_in", "mlp_in") else b["act"] for lin, role in shape.linears.items()}
     dropout = s.lora and s.lora_dropout > 0
     if b["act"] == 2:
         linears = sum(shape.in_features(lin) * (2 + (2 * in_bytes[lin] if dropout else 0))
@@ -294,12 +281,13 @@ def layer_activation_bytes(shape: Shape, p: Params, s: Setup) -> int:
     elif dropout:
         linears = sum(shape.in_features(lin) * 2 * 4 for lin in p.trainable_linears)
     else:
-        groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
-        linears = sum(4 * shape.in_features(g[0]) for g in groups if p.trainable_linears & set(g))
+        # one shared fp32 input per role: the attention inputs share the normed residual, the MLP inputs too
+        groups = [{n for n, r in shape.linears.items() if r == role} for role in ("attn_in", "mlp_in", "mlp_out")]
+        linears = sum(4 * shape.in_features(next(iter(g))) for g in groups if p.trainable_linears & g)
     lora_out = len(p.trainable_linears) * s.lora_r * b["act"] if s.lora else 0
     kv = max(kv, s.sp) if s.sp > 1 else kv
     attention = (2 * heads * d + 2 * kv * d) * b["act"] + heads * 4
-    mlp = h * b["norm"] if s.tiled_mlp else 3 * i * b["act"]
+    mlp = h * b["norm"] if s.tiled_mlp else (3 if shape.gated_mlp else 2) * i * b["act"]
     return norms + linears + lora_out + attention + mlp
 
 
@@ -399,10 +387,11 @@ def plan_memory(cfg: RunConfig, world: int = 1, gpu_mem_gib: float = 80.0) -> Me
     if world < 1:
         raise MemoryPlanError(f"world size must be >= 1, got {world}")
     config, source = planned_config(cfg)
-    shape, p, s = shape_of(config), count_params(cfg, config), setup_of(cfg, world)
+    shape, p, s = shape_of(config), count_params(cfg, config), setup_of(cfg, world, config)
     check_sequence_parallel(cfg, config, s.attention, world)  # the plan of a run train.py would refuse is refused
     b = dtype_bytes(p, s)
-    what = (f"LoRA r={cfg.lora.r} on {','.join(cfg.lora.target_modules)}"
+    targets = lora_targets(config, list(cfg.lora.target_modules))
+    what = (f"LoRA r={cfg.lora.r} on {targets if isinstance(targets, str) else ','.join(targets)}"
             + (f" + {','.join(cfg.lora.trainable_extra)}" if cfg.lora.trainable_extra else "")
             if s.lora else "full fine-tuning")
     header = [
@@ -422,7 +411,8 @@ def plan_memory(cfg: RunConfig, world: int = 1, gpu_mem_gib: float = 80.0) -> Me
     if cfg.train.precision == "auto":
         notes.append("train.precision auto is planned as bf16 (GPUs with bf16 support)")
     if cfg.model.attn_implementation == "auto":
-        notes.append("attention auto is planned as sdpa; flash_attention_2 needs no more")
+        notes.append(f"attention auto is planned as {s.attention}"
+                     + ("; flash_attention_2 needs no more" if s.attention == "sdpa" else ""))
     return MemoryPlan(items=plan_items(shape, p, s), gpu_mem_gib=gpu_mem_gib, header=header, notes=notes)
 
 
@@ -465,11 +455,12 @@ def dry_run_text(cfg: RunConfig, world: int, gpu_mem_gib: float) -> str:
     return f"resolved config:\n{resolved}\n{format_plan(plan_memory(cfg, world, gpu_mem_gib))}"
 
 
-def dry_run(cfg: RunConfig) -> None:
+def dry_run(cfg: RunConfig, notes: list[str] = ()) -> None:
     """``train.py --dry-run``: print the resolved config and the plan for the launch this process runs under
-    (``WORLD_SIZE`` set by deepspeed/torchrun, else 1; this machine's GPU memory, else 80 GiB). Only rank 0 prints.
-    Starts nothing distributed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    text = dry_run_text(cfg, world, _gpu_memory_gib())
+    (``launch_world``: ``WORLD_SIZE`` set by deepspeed/torchrun, else one sequence-parallel group; this machine's GPU
+    memory, else 80 GiB), then ``notes`` (what the preflight could not check here). Only rank 0 prints. Starts
+    nothing distributed."""
+    world = launch_world(cfg, plan_only=True)
+    text = dry_run_text(cfg, world, _gpu_memory_gib()) + "".join(f"\n  note: {n}" for n in notes)
     if rank() == 0:
         print(text, flush=True)

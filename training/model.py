@@ -8,6 +8,7 @@ import torch
 from configs.schema import RunConfig
 from data.loader import forward_kwargs
 from models.build import build_model, scaled_config
+from models.families import check_modules, extra_patterns, family_of, lora_targets
 from models.load import load_tokenizer
 from models.loss import causal_lm_loss
 from ropescale.apply import original_context
@@ -15,13 +16,14 @@ from training.parallel import scale_gradient
 from training.runtime import TrainError
 
 
-def model_config(cfg: RunConfig):
-    """The base config with ``model.arch`` overrides and the RoPE method applied: the one config every artifact of
-    the run (checkpoints, adapter base, merged model) is built from. Refuses a training length below the model's
-    original context: context extension trains at or beyond it."""
+def model_config(cfg: RunConfig, base=None):
+    """The base config (``base``, else the model's own) with ``model.arch`` overrides and the RoPE method applied:
+    the one config every artifact of the run (checkpoints, adapter base, merged model) is built from. Refuses a
+    training length below the model's original context: context extension trains at or beyond it."""
     config = scaled_config(cfg.model.name, cfg.rope.method, cfg.rope.factor, dict(cfg.rope.params),
                            original_len=cfg.rope.original_len, rebase=cfg.rope.rebase, arch=dict(cfg.model.arch),
-                           trust_remote_code=cfg.model.trust_remote_code)
+                           layer_types=cfg.rope.layer_types, trust_remote_code=cfg.model.trust_remote_code,
+                           base=base)
     original = cfg.rope.original_len or original_context(config)
     target = cfg.data.pose_target_len or cfg.data.seq_len
     if cfg.rope.method != "none" and target < original:
@@ -35,26 +37,46 @@ def tokenizer_of(cfg: RunConfig):
     return load_tokenizer(cfg.model.tokenizer or cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def lora_config(cfg: RunConfig):
-    """The peft LoraConfig of a run (the memory plan builds the same one)."""
+def lora_config(cfg: RunConfig, config):
+    """The peft LoraConfig of a run on a model with ``config`` (the memory plan builds the same one): the
+    ``attention`` / ``mlp`` keywords resolved to the family's linears (models.families.lora_targets)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=lora_targets(config, list(cfg.lora.target_modules)), bias="none",
+                      task_type="CAUSAL_LM")
 
 
-def extra_param_names(model, patterns: list[str]) -> list[str]:
-    """Names of base parameters trained in full beside LoRA: those whose module name ends with a pattern
-    (``norm`` matches every RMSNorm, ``embed_tokens`` the embedding; a tied LM head follows the embedding)."""
+def extra_param_names(model, config, requested: list[str]) -> list[str]:
+    """Names of base parameters trained in full beside LoRA: those whose module name ends with one of
+    ``lora.trainable_extra``'s patterns (``embeddings`` and ``norms`` resolved by the family: a tied LM head follows
+    the embedding)."""
     names = []
-    for pattern in patterns:
+    for pattern in extra_patterns(config, requested):
         found = [n for n, _ in model.named_parameters()
                  if "lora_" not in n and n.rsplit(".", 1)[0].endswith(pattern)]
         if not found:
-            raise TrainError(f"lora.trainable_extra: no module of {type(model.get_base_model()).__name__} ends with "
-                             f"'{pattern}' (e.g. embed_tokens, norm)")
+            raise TrainError(f"lora.trainable_extra: no module of {config.model_type} ends with '{pattern}' "
+                             "(embeddings, norms, or a module name of models/families.py)")
         names += found
     return sorted(set(names))
+
+
+def check_model_modules(cfg: RunConfig, config) -> None:
+    """Refuse, before any process starts, LoRA targets, trainable extras and a tiled MLP that name modules the model
+    does not have (a family not in models/families.py, a typo); the model is built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.lora.enabled:
+        targets = lora_targets(config, list(cfg.lora.target_modules))
+        if targets != "all-linear":
+            check_modules(model, config, targets, "lora.target_modules")
+        check_modules(model, config, extra_patterns(config, list(cfg.lora.trainable_extra)), "lora.trainable_extra",
+                      suffix=True)
+    if cfg.train.tiled_mlp:
+        check_modules(model, config, [family_of(config).mlp_module], "train.tiled_mlp")
 
 
 def attention_ops() -> list:
@@ -78,7 +100,7 @@ def keep_attention_outputs():
     return create_selective_checkpoint_contexts(attention_ops())
 
 
-def trainable_model(cfg: RunConfig, config, precision: str, attn: str, dtype: torch.dtype | None = None):
+def trainable_model(cfg: RunConfig, config, precision: str, attn: str | None, dtype: torch.dtype | None = None):
     """The model to train: base (weights loaded, or scratch) built from ``config``, gradient checkpointing, then
     LoRA + trainable extras (or every weight when ``lora.enabled`` is off).
 
@@ -103,8 +125,8 @@ def trainable_model(cfg: RunConfig, config, precision: str, attn: str, dtype: to
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(cfg))
-    for name in extra_param_names(model, cfg.lora.trainable_extra):
+    model = get_peft_model(model, lora_config(cfg, config))
+    for name in extra_param_names(model, config, cfg.lora.trainable_extra):
         param = model.get_parameter(name)
         param.data = param.data.float()
         param.requires_grad_(True)

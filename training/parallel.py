@@ -30,19 +30,13 @@ import torch.nn.functional as F
 
 from configs.schema import RunConfig
 from data.pack import IGNORE_INDEX
+from models.families import family_of, head_counts, sliding_window
 from training.runtime import TrainError
 
 
 def data_parallel_size(cfg: RunConfig, world: int) -> int:
     """Data-parallel groups in a world of ``world`` processes (rank r is in group r // sequence_parallel_size)."""
     return max(1, world // cfg.train.sequence_parallel_size)
-
-
-def head_counts(config) -> tuple[int, int]:
-    """(attention heads, key/value heads) of a transformers config (key/value = attention heads without GQA)."""
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    return heads, getattr(text, "num_key_value_heads", None) or heads
 
 
 def sequence_parallel_sizes(config) -> list[int]:
@@ -54,7 +48,8 @@ def sequence_parallel_sizes(config) -> list[int]:
 
 def check_sequence_parallel(cfg: RunConfig, config, attn: str, world: int) -> None:
     """Refuse, before any process group starts, a sequence-parallel run that cannot work: heads that do not split
-    over the group, a world that is not a whole number of groups, rows that do not split evenly, eager attention, and
+    over the group, a world that is not a whole number of groups, rows that do not split evenly, eager attention,
+    sliding-window layers without flash attention, and
     document isolation with a kernel that cannot keep documents apart once the masks are dropped."""
     size = cfg.train.sequence_parallel_size
     if size == 1:
@@ -75,6 +70,12 @@ def check_sequence_parallel(cfg: RunConfig, config, attn: str, world: int) -> No
     if attn == "eager":
         raise TrainError("model.attn_implementation=eager cannot run under sequence parallelism (it needs the full "
                          "[seq_len, seq_len] mask, which Ulysses drops); use sdpa or flash_attention_2")
+    window = sliding_window(config)
+    if window and attn != "flash_attention_2" and window < cfg.data.seq_len:
+        raise TrainError(f"{config.model_type} has sliding-window attention ({window:,} positions) and sequence "
+                         f"parallelism drops the attention masks that {attn} keeps the window with: its sliding "
+                         "layers would attend over the whole row; use model.attn_implementation: flash_attention_2 "
+                         "(the window is a kernel argument there)")
     if cfg.data.block_cross_doc and attn != "flash_attention_2":
         raise TrainError(f"data.block_cross_doc with {attn} under sequence parallelism: the masks that keep documents "
                          "apart are dropped, so documents would attend to each other; use flash_attention_2 (GPU) "
@@ -182,9 +183,10 @@ def tile_mlps(model) -> int:
         trainable = [p for p in mlp.parameters() if p.requires_grad]
         return TiledMLP.apply(plain, mlp, x, tiles, trainable)
 
-    mlps = [m for name, m in model.named_modules() if name.endswith(".mlp")]
+    name = family_of(model.config).mlp_module
+    mlps = [m for n, m in model.named_modules() if n.endswith("." + name)]
     if not mlps:
-        raise TrainError(f"train.tiled_mlp: {type(model).__name__} has no module named '*.mlp' to tile; turn it off")
+        raise TrainError(f"train.tiled_mlp: {type(model).__name__} has no module named '*.{name}' to tile; turn it off")
     for mlp in mlps:
         mlp.forward = types.MethodType(tiled, mlp)
     return len(mlps)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from configs.schema import RunConfig
+from models.families import auto_kernel, check_kernel, family_of
 from utils.cli import UserError, free_port
 from utils.log import Log
 
@@ -147,9 +148,10 @@ def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def attn_implementation(cfg: RunConfig, dev: torch.device) -> str:
-    """The attention kernel of a run: ``model.attn_implementation``, where ``auto`` is flash_attention_2 on a GPU with
-    flash-attn installed, else sdpa. Refuses a kernel this machine lacks, and flash attention with document
+def attn_implementation(cfg: RunConfig, dev: torch.device, config) -> str:
+    """The attention kernel of a run on a model with ``config``: ``model.attn_implementation``, where ``auto`` is
+    flash_attention_2 on a GPU with flash-attn installed, else the family's first choice (sdpa; eager for Gemma 2,
+    models.families). Refuses a kernel this machine lacks or the family cannot run, and flash attention with document
     isolation over several rows: transformers derives flash-attention varlen boundaries from position_ids only for a
     batch of one row, so with more rows documents would attend to each other silently (docs/data.md)."""
     requested = cfg.model.attn_implementation
@@ -157,10 +159,29 @@ def attn_implementation(cfg: RunConfig, dev: torch.device) -> str:
         raise TrainError("model.attn_implementation=flash_attention_2 needs a CUDA GPU and `pip install -r "
                          "requirements-gpu.txt`; use sdpa")
     if requested == "auto":
-        requested = "flash_attention_2" if dev.type == "cuda" and has_flash_attn() else "sdpa"
+        requested = auto_kernel(config, dev.type == "cuda" and has_flash_attn())
+    check_kernel(config, requested)
     if requested == "flash_attention_2" and cfg.data.block_cross_doc and cfg.train.micro_batch_size > 1:
         raise TrainError("data.block_cross_doc with flash_attention_2 needs train.micro_batch_size: 1 (raise "
                          "train.grad_accum instead)")
+    return requested
+
+
+def launch_world(cfg: RunConfig, plan_only: bool = False) -> int:
+    """The number of processes a launch runs: ``WORLD_SIZE`` as deepspeed/torchrun set it, else 1, or for a plan
+    made without a launcher (``--dry-run``) the smallest launch the config runs on, one sequence-parallel group."""
+    default = cfg.train.sequence_parallel_size if plan_only else 1
+    return int(os.environ.get("WORLD_SIZE", default))
+
+
+def planned_attention(cfg: RunConfig, config) -> str:
+    """The kernel a GPU run of ``cfg`` is planned with (``--dry-run``, the memory plan), whatever this machine has:
+    ``model.attn_implementation``, where ``auto`` is sdpa (flash_attention_2 needs no more memory), or flash attention
+    for a family that cannot run sdpa (Gemma 2); checked against the family."""
+    requested = cfg.model.attn_implementation
+    if requested == "auto":
+        requested = "sdpa" if "sdpa" in family_of(config).kernels else auto_kernel(config, flash=True)
+    check_kernel(config, requested)
     return requested
 
 
