@@ -91,7 +91,7 @@ def one(name: str, args) -> dict:
         with torch.inference_mode():
             t, c = time.perf_counter(), time.process_time()
             if name == "decoder":
-                model.model(input_ids=ids[None, :L], use_cache=False)
+                causal_lm_parts(model)[0](input_ids=ids[None, :L], use_cache=False)
                 fed = L
             elif name == "full_logits":
                 model(input_ids=ids[None, :L], use_cache=False)

@@ -295,8 +295,8 @@ def _run_trainer(cfg, precision: str, rows: list[torch.Tensor], dev: torch.devic
         # models.load drops the entry a GGUF-converted model keeps; Trainer refuses to train a model that carries it
         # ("quantization method do not support training"), so a loader that let it through is named here.
         raise SystemExit(f"error: {cfg.model.name} still carries quantization_config; Trainer would refuse it")
-    model = get_peft_model(model, lora_config(cfg))
-    for name in extra_param_names(model, cfg.lora.trainable_extra):  # the same trainable set as ours
+    model = get_peft_model(model, lora_config(cfg, config))
+    for name in extra_param_names(model, config, cfg.lora.trainable_extra):  # the same trainable set as ours
         model.get_parameter(name).requires_grad_(True)
     meter, steps, losses = _StepMeter(dev), [], []
 

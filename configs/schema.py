@@ -59,7 +59,7 @@ class RopeSection(StrictModel):
     """Allow replacing a scaling the base model already carries (computed from its original length, never
     compounded)."""
     layer_types: list[Literal["full_attention", "sliding_attention"]] | None = Field(default=None, min_length=1)
-    """Models with one RoPE per layer type (Gemma 3, OLMo 3): the layer types the method scales. Empty: the
+    """Models with one RoPE per layer type (Gemma 3, OLMo 3): the layer types the method scales. Unset: the
     full-attention layers only (Gemma 3's own recipe; the sliding-window layers never see positions further apart
     than their window). Refused for a model with one RoPE for every layer."""
 

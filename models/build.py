@@ -15,7 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from models.families import family_of
 from models.load import ModelLoadError, load_config, load_model
 from ropescale.apply import apply_rope, rope_of
-from ropescale.runtime import enable_dynamic_yarn
+from ropescale.runtime import dynamic_yarn_rotary, enable_dynamic_yarn
 
 
 def apply_arch(config: PretrainedConfig, arch: dict) -> PretrainedConfig:
@@ -42,8 +42,12 @@ def scaled_config(name: str, method: str, factor: float, params: dict | None = N
 
 def scale(config: PretrainedConfig, method: str, factor: float, params: dict | None = None, **kw) -> PretrainedConfig:
     """``ropescale.apply.apply_rope`` with the rope types the config's family accepts (models.families): the one
-    way the project writes a method into a model config."""
-    return apply_rope(config, method, factor, params, accepted_types=family_of(config).rope_types, **kw)
+    way the project writes a method into a model config. A dynamic_yarn config is checked here against the runtime
+    module it will need (one RoPE for every layer), so a run refuses it before any process starts."""
+    new = apply_rope(config, method, factor, params, accepted_types=family_of(config).rope_types, **kw)
+    if method == "dynamic_yarn":
+        dynamic_yarn_rotary(new, family_of(new).interleaved)
+    return new
 
 
 def build_model(name: str, config: PretrainedConfig, *, dtype: torch.dtype = torch.float32,

@@ -32,9 +32,9 @@ from utils.cli import UserError
 
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
-# The keywords the config's lora.target_modules and lora.trainable_extra accept besides module names.
-TARGET_KEYWORDS = ("attention", "mlp", "all-linear")
-EXTRA_KEYWORDS = ("embeddings", "norms")
+# Config attributes by which a model's forward transforms the LM head's output (logit_transform reads them):
+# soft-capping cap * tanh(z / cap), a multiplier z * scale, a divisor z / scaling.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 FULL, SLIDING = "full_attention", "sliding_attention"
 KERNELS = ("sdpa", "eager", "flash_attention_2")
 
@@ -53,8 +53,9 @@ class Family:
     ``interleaved``: the rotary table repeats each frequency twice in a row (Cohere) instead of two halves (Llama);
     ``mlp_module``: the name of each block's MLP; ``gated_mlp``: the MLP keeps three [T, intermediate] activations
     (gate, up, act(gate)) rather than two; ``rope_types``: the rope types the architecture accepts (None: every type
-    transformers has); ``per_layer_rope``: ``rope_parameters`` is keyed by layer type; ``logits``: ``"softcap"``
-    (``final_logit_softcapping``), ``"scale"`` (``logit_scale``) or None; ``kernels``: the attention kernels it runs,
+    transformers has); ``per_layer_rope``: ``rope_parameters`` is keyed by layer type; ``logits``: the config
+    attributes (``LOGIT_TRANSFORMS``) the model's forward applies to the LM head's output: Gemma 2/3's soft-capping,
+    Cohere's ``logit_scale``, Granite's ``logits_scaling``; ``kernels``: the attention kernels it runs,
     preferred first (``auto`` picks the first this machine has); ``kernel_note``: why, when it is not sdpa;
     ``text_of``: a multimodal wrapper whose text decoder is extended instead (its ``key_mapping`` maps the
     checkpoint's weight names to the text model's); ``tiny``: config overrides of the ``tiny-<model_type>`` preset.
@@ -71,7 +72,7 @@ class Family:
     gated_mlp: bool = True
     rope_types: tuple[str, ...] | None = None
     per_layer_rope: bool = False
-    logits: str | None = None
+    logits: tuple[str, ...] = ()
     kernels: tuple[str, ...] = KERNELS
     kernel_note: str = ""
     text_of: str | None = None
@@ -105,37 +106,34 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_moe", mlp=(), tiny=_frozen(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
     Family("olmo2"),
     Family("olmo3", per_layer_rope=True, tiny=_TWO_TYPES),
-    Family("granite"),
+    # logits divided by logits_scaling (8-16 in the released models; 4 in the tiny preset so that it matters)
+    Family("granite", logits=("logits_scaling",), tiny=_frozen(logits_scaling=4.0)),
     Family("smollm3"),
     Family("stablelm", tiny=_frozen(partial_rotary_factor=0.25)),
     Family("glm", mlp=("gate_up_proj", "down_proj"), tiny=_frozen(partial_rotary_factor=0.5)),
     Family("gemma"),
-    Family("gemma2", logits="softcap", kernels=("eager", "flash_attention_2"),
+    Family("gemma2", logits=("final_logit_softcapping",), kernels=("eager", "flash_attention_2"),
            kernel_note="Gemma 2 soft-caps attention scores, which sdpa cannot: eager on CPU (an L x L score matrix "
                        "per head: memory grows with seq_len^2), flash attention on GPUs",
            # a cap of 1 (the real one: 30) so that the tiny model's small logits are visibly capped
            tiny=_frozen(layer_types=[SLIDING, FULL], sliding_window=64, query_pre_attn_scalar=32,
                         final_logit_softcapping=1.0)),
-    Family("gemma3_text", per_layer_rope=True, tiny=_frozen(**_TWO_TYPES, query_pre_attn_scalar=32)),
+    Family("gemma3_text", per_layer_rope=True, logits=("final_logit_softcapping",), tiny=_frozen(**_TWO_TYPES, query_pre_attn_scalar=32)),
     Family("gemma3", text_of="gemma3_text",
            key_mapping=_frozen(**{r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model."})),
     Family("phi3", attention=("qkv_proj", "o_proj"), mlp=("gate_up_proj", "down_proj"),
            rope_types=("default", "longrope"), tiny=_frozen(original_max_position_embeddings=256)),
     Family("gpt_neox", attention=("query_key_value", "dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
            embedding="embed_in", gated_mlp=False, tiny=_frozen(partial_rotary_factor=0.25)),
-    Family("cohere", mlp=LLAMA_MLP, interleaved=True, logits="scale", tiny=_frozen(logit_scale=0.25)),
+    Family("cohere", interleaved=True, logits=("logit_scale",), tiny=_frozen(logit_scale=0.25)),
 )}
 GENERIC = Family("generic")
 
 
 def family_of(config) -> Family:
-    """The family record of a transformers config (its text config for multimodal wrappers); ``GENERIC`` when the
-    model_type is not in the spec."""
+    """The family record of a transformers config, keyed by its model_type; ``GENERIC`` when the spec does not list
+    it. (A multimodal wrapper's config is turned into its text decoder's by models.load before anything reads it.)"""
     return FAMILIES.get(getattr(config, "model_type", None), GENERIC)
-
-
-def known_family(config) -> bool:
-    return getattr(config, "model_type", None) in FAMILIES
 
 
 def head_counts(config) -> tuple[int, int]:
@@ -238,17 +236,19 @@ def check_modules(model: nn.Module, config, patterns: list[str], what: str, suff
         if not any(n.endswith(pattern) if suffix else (n == pattern or n.endswith("." + pattern)) for n in names):
             close = difflib.get_close_matches(pattern, leaves, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
+            how = "name ends with" if suffix else "is named"
             raise FamilyError(f"{what}: no module of {type(model).__name__} ({getattr(config, 'model_type', '?')}) "
-                              f"is named '{pattern}'; {hint}its linears and norms: "
-                              f"{', '.join(n for n in leaves if not n.isdigit())[:300]}")
+                              f"{how} '{pattern}'; {hint}its modules: "
+                              f"{', '.join(n for n in leaves if not n.isdigit())}")
 
 
 # ------------------------------------------------------------------------------------------------------ logits
 
 
 class ScaledHead(nn.Module):
-    """The LM head followed by the family's logit transform, ``[n, H] -> [n, V]``: Gemma 2's soft-capping
-    ``cap * tanh(z / cap)``, Cohere's ``z * logit_scale`` (what each model's own forward does after its head)."""
+    """The LM head followed by the family's logit transform, ``[n, H] -> [n, V]``: a scale (Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``), then soft-capping ``cap * tanh(z / cap)`` (Gemma 2/3): what each model's own
+    forward does after its head."""
 
     def __init__(self, head: nn.Module, softcap: float | None = None, scale: float | None = None):
         super().__init__()
@@ -263,18 +263,30 @@ class ScaledHead(nn.Module):
         return z
 
 
+def logit_transform(config) -> tuple[float | None, float | None]:
+    """``(scale, softcap)`` the model's forward applies to the LM head's output (None: not applied). Refuses a model
+    outside the spec that sets one of ``LOGIT_TRANSFORMS``' attributes: which ones its forward applies is not known
+    (the preflight calls this, so such a run stops before any process starts)."""
+    family = family_of(config)
+    values = {a: getattr(config, a, None) for a in LOGIT_TRANSFORMS}
+    if family is GENERIC:
+        set_ = [a for a, v in values.items() if v not in (None, 1.0)]
+        if set_:
+            raise FamilyError(f"{config.model_type} transforms its logits ({', '.join(set_)}) and is not in "
+                              "models/families.py, which says which transform its forward applies: add its record")
+    scale = None
+    if "logit_scale" in family.logits and values["logit_scale"] not in (None, 1.0):
+        scale = float(values["logit_scale"])
+    if "logits_scaling" in family.logits and values["logits_scaling"] not in (None, 1.0):
+        scale = 1.0 / float(values["logits_scaling"])
+    cap = values["final_logit_softcapping"] if "final_logit_softcapping" in family.logits else None
+    return scale, (float(cap) if cap else None)
+
+
 def output_head(model_config, head: nn.Module) -> nn.Module:
-    """``head`` wrapped in the family's logit transform, or ``head`` itself when the family has none."""
-    kind = family_of(model_config).logits
-    if kind == "softcap" and getattr(model_config, "final_logit_softcapping", None):
-        return ScaledHead(head, softcap=float(model_config.final_logit_softcapping))
-    if kind == "scale" and getattr(model_config, "logit_scale", None) not in (None, 1.0):
-        return ScaledHead(head, scale=float(model_config.logit_scale))
-    if family_of(model_config) is GENERIC and (getattr(model_config, "final_logit_softcapping", None)
-                                                or getattr(model_config, "logit_scale", None)):
-        raise FamilyError(f"{model_config.model_type} rescales its logits (final_logit_softcapping/logit_scale) and "
-                          "is not in models/families.py, which says how: add its record there")
-    return head
+    """``head`` followed by the family's logit transform (``logit_transform``), or ``head`` itself without one."""
+    scale, cap = logit_transform(model_config)
+    return head if scale is None and cap is None else ScaledHead(head, softcap=cap, scale=scale)
 
 
 # -------------------------------------------------------------------------------------- published model shapes
@@ -321,7 +333,8 @@ PUBLISHED: dict[str, dict] = {
     "microsoft/Phi-3-mini-4k-instruct": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192,
                                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                                              vocab_size=32064, max_position_embeddings=4096,
-                                             original_max_position_embeddings=4096, tie_word_embeddings=False),
+                                             original_max_position_embeddings=4096, sliding_window=2047,
+                                             tie_word_embeddings=False),
 }
 
 

@@ -119,7 +119,7 @@ def resolve(name: str) -> str:
 def _check_rope(config: PretrainedConfig, name: str) -> PretrainedConfig:
     rope = getattr(config, "rope_parameters", None)
     nested = isinstance(rope, dict) and config.nested_rope_parameter_keys(rope)
-    tables = [rope[k] for k in nested] if nested else [rope]
+    tables = [rope[k] for k in nested if rope[k] is not None] if nested else [rope]  # None: a layer type w/o RoPE
     if not all(isinstance(r, dict) and "rope_theta" in r for r in tables):
         raise ModelLoadError(
             f"{name}: model type '{config.model_type}' does not use rotary position embeddings (RoPE) "

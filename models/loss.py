@@ -92,7 +92,8 @@ def chunked_causal_lm_loss(
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """``(decoder, head)`` of a Hugging Face causal LM (any family of models/families.py) or a PEFT model wrapping one.
 
-    The decoder is the base model (``model.model``) returning final, normed hidden states; with PEFT its layers carry
+    The decoder is the base model (``get_decoder()``: ``model.model``, GPT-NeoX's ``gpt_neox``) returning final,
+    normed hidden states; with PEFT its layers carry
     the adapters. ``head`` maps ``[n, H] -> [n, V]`` logits exactly as the model's own forward does: the LM head,
     followed by the family's logit transform where it has one (Gemma 2's soft-capping, Cohere's ``logit_scale``;
     ``models.families.output_head``), so the chunked loss equals ``model(..., labels=...)``'s. A DeepSpeed engine is

@@ -69,7 +69,7 @@ def layer_tables(config: PretrainedConfig) -> dict[str, dict] | None:
     rp = getattr(config, "rope_parameters", None)
     if not isinstance(rp, dict):
         return None
-    keys = config.nested_rope_parameter_keys(rp)
+    keys = [k for k in config.nested_rope_parameter_keys(rp) if rp[k] is not None]  # None: a type without RoPE
     return {k: rp[k] for k in keys} if keys else None
 
 
@@ -192,10 +192,13 @@ def _from_record(config: PretrainedConfig) -> dict:
                               "describe the config from rope_parameters alone") from e
     rp = config.rope_parameters
     if expected != rp or target != config.max_position_embeddings:
+        differ = sorted(k for k in {*expected, *rp} if expected.get(k) != rp.get(k))
+        what = ([f"max_position_embeddings {config.max_position_embeddings} (writes {target})"]
+                if target != config.max_position_embeddings else []) + [f"rope_parameters {k}" for k in differ]
         raise RopeConfigError(
-            f"config.{RECORD} records {method} x{factor} but rope_parameters/max_position_embeddings "
-            f"({rp}, {config.max_position_embeddings}) differ from what that writes: the config was edited after "
-            f"ropescale wrote it; delete config.{RECORD} to describe it from rope_parameters alone, or re-apply")
+            f"config.{RECORD} records {method} x{factor} but {', '.join(what)} differ from what that writes: the "
+            f"config was edited after ropescale wrote it; delete config.{RECORD} to describe it from rope_parameters "
+            "alone, or re-apply")
     return {"method": method, "factor": float(factor), "params": params, "original_max_position_embeddings": L,
             "rope_theta": base, "source": RECORD}
 

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ropescale.apply import head_dim_of, layer_tables, partial_rotary_factor_of, rope_of
+from ropescale.apply import RECORD, head_dim_of, partial_rotary_factor_of, rope_of
 from ropescale.methods import ROPE_METHODS, RopeConfigError, mscale, rotary_dim, servers_attn_factor
 from utils.files import write_atomic
 
@@ -141,8 +141,8 @@ def compatibility(config) -> list[Verdict]:
     every loader but transformers 5 (the tests reload those in it)."""
     cur = _record(config)
     method, s, L = cur["method"], cur["factor"], cur["original_max_position_embeddings"]
-    record = getattr(config, "ropescale", None) or {}
-    unread = ("one rope_parameters dict per layer type" if layer_tables(config) is not None else
+    record = getattr(config, RECORD, None) or {}
+    unread = ("one rope_parameters dict per layer type" if per_layer_type(config.rope_parameters) else
               "the method written as LongRoPE factors (an architecture that accepts no other type)"
               if record.get("form") == "longrope" else None)
     if unread:  # the matrix below was read for one global table in the method's own type

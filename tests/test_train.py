@@ -216,6 +216,13 @@ def test_run_folder_is_protected_and_resume_checks_the_config(tmp_path):
     (("deepspeed.config=configs/deepspeed/zero9.json",), "zero9.json not found"),
     # an integer at its boundary: 0 rows per forward used to pass the schema and fail after the rendezvous
     (("train.micro_batch_size=0",), "train.micro_batch_size: Input should be greater than or equal to 1"),
+    # what a model family cannot do (models/families.py), refused in the preflight, never after the rendezvous
+    (("model.name=tiny-gemma2", "model.attn_implementation=sdpa"), "gemma2 runs only eager, flash_attention_2"),
+    (("model.name=tiny-phi3", "rope.method=dynamic_ntk"), "recomputes its table from the current length"),
+    (("model.name=tiny-gemma3_text", "rope.method=dynamic_yarn"), "one RoPE per layer type"),
+    (("rope.layer_types=[full_attention]",), "this model has one RoPE for all its layers"),
+    (("model.name=tiny-gpt_neox", "lora.target_modules=[q_proj]"), "is named 'q_proj'"),
+    (("model.name=tiny-gpt_neox", "lora.trainable_extra=[embed_tokens]"), "name ends with 'embed_tokens'; did you mean 'embed_in'"),
 ])
 def test_bad_config_exits_with_one_line(tmp_path, capsys, sets, message):
     """Every refusal happens before DeepSpeed starts and before the run folder is written."""

@@ -8,7 +8,7 @@ import torch
 from configs.schema import RunConfig
 from data.loader import forward_kwargs
 from models.build import build_model, scaled_config
-from models.families import check_modules, extra_patterns, family_of, lora_targets
+from models.families import check_modules, extra_patterns, family_of, logit_transform, lora_targets
 from models.load import load_tokenizer
 from models.loss import causal_lm_loss
 from ropescale.apply import original_context
@@ -56,15 +56,17 @@ def extra_param_names(model, config, requested: list[str]) -> list[str]:
         found = [n for n, _ in model.named_parameters()
                  if "lora_" not in n and n.rsplit(".", 1)[0].endswith(pattern)]
         if not found:
-            raise TrainError(f"lora.trainable_extra: no module of {config.model_type} ends with '{pattern}' "
-                             "(embeddings, norms, or a module name of models/families.py)")
+            raise TrainError(f"lora.trainable_extra: no module of {config.model_type} whose name ends with "
+                             f"'{pattern}' has parameters to train (embeddings, norms, or a module name of "
+                             "models/families.py)")
         names += found
     return sorted(set(names))
 
 
 def check_model_modules(cfg: RunConfig, config) -> None:
-    """Refuse, before any process starts, LoRA targets, trainable extras and a tiled MLP that name modules the model
-    does not have (a family not in models/families.py, a typo); the model is built on the meta device (no memory)."""
+    """Refuse, before any process starts, LoRA targets, trainable extras, a tiled MLP and a dynamic YaRN rotary swap
+    that name modules the model does not have (a family not in models/families.py, a typo), and a model outside the
+    spec that transforms its logits; the model is built on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -75,8 +77,12 @@ def check_model_modules(cfg: RunConfig, config) -> None:
             check_modules(model, config, targets, "lora.target_modules")
         check_modules(model, config, extra_patterns(config, list(cfg.lora.trainable_extra)), "lora.trainable_extra",
                       suffix=True)
+        extra_param_names(model, config, list(cfg.lora.trainable_extra))  # modules with no parameter to train
     if cfg.train.tiled_mlp:
         check_modules(model, config, [family_of(config).mlp_module], "train.tiled_mlp")
+    logit_transform(config)  # a model outside the spec that transforms its logits is refused here
+    if cfg.rope.method == "dynamic_yarn":  # its runtime module takes the place of the family's rotary module
+        check_modules(model, config, [family_of(config).rotary], "rope.method dynamic_yarn")
 
 
 def attention_ops() -> list:
