@@ -7,11 +7,13 @@ its table (ropescale.runtime's dynamic YaRN), the MLP module that ``train.tiled_
 (sequence parallelism, the memory plan), the memory plan's linears and their roles, the rope types the architecture
 accepts (Phi-3: ``default`` and ``longrope`` only; ropescale.apply then writes static methods as LongRoPE factors),
 whether RoPE is set per layer type (Gemma 3, OLMo 3: ``rope_parameters`` keyed by ``full_attention`` /
-``sliding_attention``), how the logits are scaled after the LM head (Gemma 2's soft-capping, Cohere's
-``logit_scale``: models/loss.py applies it), the attention kernels it runs with, and the tiny preset built from it.
+``sliding_attention``), how the logits are transformed after the LM head (Gemma 2/3's soft-capping, Cohere's
+``logit_scale``, Granite's ``logits_scaling``: models/loss.py applies it), the attention kernels it runs with, and
+the tiny preset built from it.
 
 A ``model_type`` not listed gets ``GENERIC`` (a Llama-style decoder): it works where its modules have those names;
-``check_modules`` refuses the rest before any process starts, naming the module that is missing.
+``check_modules`` (and ``logit_transform``, for a model that transforms its logits) refuses the rest before any
+process starts, naming what is missing.
 
 Published shapes (``PUBLISHED``) are the config.json sizes of the hub models users ask about, used by the memory plan
 only when the config itself cannot be read (no network, a gated repository).
@@ -118,7 +120,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            # a cap of 1 (the real one: 30) so that the tiny model's small logits are visibly capped
            tiny=_frozen(layer_types=[SLIDING, FULL], sliding_window=64, query_pre_attn_scalar=32,
                         final_logit_softcapping=1.0)),
-    Family("gemma3_text", per_layer_rope=True, logits=("final_logit_softcapping",), tiny=_frozen(**_TWO_TYPES, query_pre_attn_scalar=32)),
+    Family("gemma3_text", per_layer_rope=True, logits=("final_logit_softcapping",),
+           tiny=_frozen(**_TWO_TYPES, query_pre_attn_scalar=32)),
     Family("gemma3", text_of="gemma3_text",
            key_mapping=_frozen(**{r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model."})),
     Family("phi3", attention=("qkv_proj", "o_proj"), mlp=("gate_up_proj", "down_proj"),

