@@ -25,12 +25,23 @@ from models.load import load_config
 from training.runtime import choose_precision
 from launch import plan as report
 from ropescale import inspect, plan, serving
+from ropescale.apply import PRIMARY, layer_tables
 from ropescale.methods import RopeConfigError
 from utils.cli import UserError, run_cli
 from utils.files import write_atomic
 from utils.log import Log
 
 log = Log("plan", err=True)
+
+
+def layer_note(a: argparse.Namespace) -> str | None:
+    """For ``--model`` with one RoPE per layer type (Gemma 3, OLMo 3): which layers inspect and plan describe."""
+    tables = layer_tables(load_config(a.model)) if a.model else None
+    if tables is None:
+        return None
+    others = "; ".join(f"{t} (base {r['rope_theta']:g}) keeps its own" for t, r in tables.items() if t != PRIMARY)
+    return (f"per-layer-type RoPE: this describes the {PRIMARY} layers (base {tables[PRIMARY]['rope_theta']:g}), "
+            f"which a method scales by default; {others} unless rope.layer_types names it")
 
 
 def run_inspect(a: argparse.Namespace) -> int:
@@ -42,10 +53,11 @@ def run_inspect(a: argparse.Namespace) -> int:
         if not Path(a.plot).parent.is_dir():
             raise RopeConfigError(f"--plot: folder {Path(a.plot).parent} does not exist")
         report.plot_inspect(a.plot, **kw)
+    note = layer_note(a)
     if a.json:
-        print(json.dumps(table))
+        print(json.dumps({**table, "layer_note": note} if note else table))
     else:
-        print(inspect.format_table(table))
+        print(inspect.format_table(table) + (f"\n{note}" if note else ""))
         if a.plot:
             print(f"plot written to {a.plot}")
     return 0
@@ -95,6 +107,9 @@ def run_plan(a: argparse.Namespace) -> int:
         raise UserError(f"plan: --sweep-base {a.sweep_base} not found (a run config such as "
                         "configs/smollm2/yarn_16k.yaml)")
     source, _ = inspect.rope_source(a, load_config)
+    note = layer_note(a)
+    if note:
+        log(note)
     result = plan.theory_plan(**source, target=a.target, methods=methods, factors=factors,
                               base_bound=not a.no_base_bound)
     if not a.theory_only:

@@ -79,6 +79,15 @@ def test_model_flag_reads_the_config(capsys, tmp_path):
     assert "'beta_fast': 16" in text
 
 
+def test_a_per_layer_type_model_is_described_by_its_global_layers(capsys):
+    """Gemma 3: inspect reads the full-attention layers' base (1e6) and says the sliding ones keep theirs."""
+    assert main(["inspect", "--model", "tiny-gemma3_text", "--method", "yarn", "--factor", "4", "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)
+    assert t["base"] == 1e6 and "sliding_attention (base 10000) keeps its own" in t["layer_note"]
+    assert main(["inspect", "--model", "tiny-llama", "--method", "yarn", "--factor", "4", "--json"]) == 0
+    assert "layer_note" not in json.loads(capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--head-dim", "64", "--base", "1e4", "--original", "2048", "--method", "yarm", "--factor", "4"],
      "error: unknown RoPE method 'yarm'; did you mean 'yarn'?"),
