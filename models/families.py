@@ -21,6 +21,7 @@ only when the config itself cannot be read (no network, a gated repository).
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -294,6 +295,12 @@ def output_head(model_config, head: nn.Module) -> nn.Module:
 
 # -------------------------------------------------------------------------------------- published model shapes
 
+# What the Gemma 3 text decoders share: vocabulary, 128k context from linear x8 on the global layers (base 1e6),
+# local layers of a 1,024-token window at base 1e4.
+_GEMMA3 = dict(model_type="gemma3_text", vocab_size=262208, max_position_embeddings=131072, sliding_window=1024,
+               tie_word_embeddings=True,
+               rope_parameters={FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                SLIDING: {"rope_type": "default", "rope_theta": 10000.0}})
 # config.json sizes as published on the hub (text decoder of multimodal checkpoints), for plans made offline.
 PUBLISHED: dict[str, dict] = {
     "meta-llama/Llama-2-7b-hf": dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -319,20 +326,12 @@ PUBLISHED: dict[str, dict] = {
                            num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                            max_position_embeddings=40960, tie_word_embeddings=False,
                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "google/gemma-3-12b-pt": dict(model_type="gemma3_text", hidden_size=3840, intermediate_size=15360,
-                                  num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-                                  vocab_size=262208, max_position_embeddings=131072, sliding_window=1024,
-                                  query_pre_attn_scalar=256, tie_word_embeddings=True,
-                                  rope_parameters={FULL: {"rope_type": "linear", "factor": 8.0,
-                                                          "rope_theta": 1000000.0},
-                                                   SLIDING: {"rope_type": "default", "rope_theta": 10000.0}}),
-    "google/gemma-3-27b-pt": dict(model_type="gemma3_text", hidden_size=5376, intermediate_size=21504,
-                                  num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
-                                  vocab_size=262208, max_position_embeddings=131072, sliding_window=1024,
-                                  query_pre_attn_scalar=168, tie_word_embeddings=True,
-                                  rope_parameters={FULL: {"rope_type": "linear", "factor": 8.0,
-                                                          "rope_theta": 1000000.0},
-                                                   SLIDING: {"rope_type": "default", "rope_theta": 10000.0}}),
+    "google/gemma-3-12b-pt": dict(**_GEMMA3, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                  query_pre_attn_scalar=256),
+    "google/gemma-3-27b-pt": dict(**_GEMMA3, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+                                  num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                                  query_pre_attn_scalar=168),
     "microsoft/Phi-3-mini-4k-instruct": dict(model_type="phi3", hidden_size=3072, intermediate_size=8192,
                                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                                              vocab_size=32064, max_position_embeddings=4096,
@@ -348,7 +347,7 @@ def published_config(name: str):
     shape = PUBLISHED.get(name)
     if shape is None:
         return None
-    shape = dict(shape)
+    shape = copy.deepcopy(shape)  # transformers fills in rope_parameters in place; the table stays as published
     if "layer_types" not in shape and shape["model_type"] == "gemma3_text":
         # Gemma 3: five sliding-window layers, then one full-attention layer
         shape["layer_types"] = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(shape["num_hidden_layers"])]
