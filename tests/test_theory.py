@@ -136,7 +136,8 @@ def test_bad_input_is_one_clear_error():
     (dict(head_dim=128, base=5e5, original_len=8192), (30, 25, 45)),   # Llama-3-8B
     (dict(head_dim=128, base=1e6, original_len=32768), (38, 25, 38)),  # Qwen3
     (dict(head_dim=64, base=1e5, original_len=8192), (34, 28, 38)),    # SmolLM2-135M
-    (dict(head_dim=64, base=1e4, original_len=256), (3, 38, 59)),      # a native-256 testbed
+    (dict(head_dim=64, base=1e4, original_len=256), (3, 38, 59)),      # the committed testbed (native 256)
+    (dict(head_dim=64, base=1e3, original_len=1024), (25, 50, 25)),    # a native-1,024 testbed
     (dict(head_dim=64, base=1e4, original_len=2048), (28, 38, 34)),
 ])
 def test_spectrum_shares_match_a_count_of_turns_per_pair(shape, shares):
