@@ -1,8 +1,8 @@
 """Loss by position over long windows of the held-out book: how each RoPE method changes the rise past the native
 length.
 
-    python bench/testbed_positions.py                                   # testbed base, 1024-token windows (4x)
-    python bench/testbed_positions.py --length 2048 --runs runs/demo/yarn_4x
+    python bench/testbed_positions.py                                   # testbed base, windows of 4x its native length
+    python bench/testbed_positions.py --length 8192 --runs runs/demo/yarn_4x
 
 ``eval.perplexity`` reports position buckets of its first window only, which at these sizes is mostly a property of
 that stretch of text. Here every non-overlapping ``--length``-token window of the bundled held-out book (Persuasion)
@@ -47,13 +47,17 @@ def position_nll(model, ids: torch.Tensor, length: int, batch_size: int = 4) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/testbed", help="the base model folder")
-    ap.add_argument("--length", type=int, default=1024, help="window length in tokens")
-    ap.add_argument("--bucket", type=int, default=128, help="positions per bucket")
+    ap.add_argument("--length", type=int, default=None, help="window length in tokens (default: 4x the native length)")
+    ap.add_argument("--bucket", type=int, default=None, help="positions per bucket (default: an eighth of the window)")
     ap.add_argument("--runs", nargs="*", default=[], help="fine-tuned run folders to add as rows")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args(argv)
     base = load_eval_model(args.model, {}, args.dtype)
     native = base.info["original_context"]
+    args.length = args.length or 4 * native
+    args.bucket = args.bucket or max(1, args.length // 8)
+    if not 2 <= args.length or not 1 <= args.bucket < args.length:
+        ap.error(f"--length must be at least 2 and --bucket between 1 and the length; got {args.length}, {args.bucket}")
     factor = args.length / native
     text = load_corpus("heldout")[0].text
     ids = torch.tensor(base.tokenizer(text).input_ids)

@@ -5,8 +5,10 @@ A model only learns to retrieve a pass key if it sees retrieval during training.
 - ``passkey``: the evaluation's own prompt (``data.prompts.prompt_text``: task statement, filler groups, the key line
   at some depth, more filler, the question) followed by its answer, `` NNNNN.``. The wording lives in
   data/prompts.py only, and eval.passkey scores the same prompt, so training and evaluation cannot drift apart.
-  The number of filler groups is drawn uniformly from 0 to ``max_filler`` and the key's depth uniformly among the
-  possible positions.
+  The number of filler groups is drawn uniformly from ``min_filler`` (default 0) to ``max_filler`` and the key's
+  depth uniformly among the possible positions, so the key-to-question distance is uniform over the document.
+  A ``min_filler`` near ``max_filler`` gives documents that fill the window, whose distances cover it evenly, as
+  the evaluation's prompts at the native length do; from 0 the distances crowd at the short end.
 - ``copy``: ``Numbers: a b. Again: a b.`` with 1 to ``max_numbers`` random 5-digit numbers. Every digit of the second
   list can only be predicted by looking it up in the first: the look-up a passkey answer needs (an induction head),
   with a dense signal and, in documents of 17-29 tokens, little to search through. Measured on the testbed
@@ -21,7 +23,8 @@ A run config uses them as data sources (``kind: synthetic``; ``max_docs`` docume
       - {kind: synthetic, name: copy, max_docs: 30000, params: {max_numbers: 2, seed: 0}}
 
 ``max_filler`` bounds a passkey document's length: with the testbed tokenizer it holds about 91 + 29.5 tokens per
-filler group, so ``max_filler: 5`` stays under 256 with its EOS (tests/test_testbed.py checks it). Documents are a
+filler group, so ``max_filler: 5`` stays under 256 with its EOS (tests/test_testbed.py checks it), and
+``{min_filler: 40, max_filler: 67}`` gives documents of 1,253-2,036 tokens that fill a 2,048-token row. Documents are a
 pure function of (generator, index, params): the same settings give the same documents on every machine.
 """
 
@@ -43,10 +46,10 @@ def passkey_document(key: str, n_before: int, n_after: int) -> str:
     return f"{prompt_text(key, n_before, n_after)} {key}."
 
 
-def passkey_sample(index: int, max_filler: int, seed: int = 0) -> tuple[str, str, int, int]:
+def passkey_sample(index: int, max_filler: int, seed: int = 0, min_filler: int = 0) -> tuple[str, str, int, int]:
     """Document ``index`` of the stream: (text, key, n_before, n_after); a pure function of its arguments."""
     rng = random.Random(f"synthetic-passkey/{seed}/{index}")
-    n = rng.randint(0, max_filler)
+    n = rng.randint(min_filler, max_filler)
     before = rng.randint(0, n)
     key = str(rng.randint(10000, 99999))
     return passkey_document(key, before, n - before), key, before, n - before
@@ -67,7 +70,7 @@ def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
     p = {**SYNTHETIC_PARAMS[name], **params}
     if name == "copy":
         return [copy_sample(i, p["max_numbers"], p["seed"]) for i in range(n_docs)]
-    return [passkey_sample(i, p["max_filler"], p["seed"])[0] for i in range(n_docs)]
+    return [passkey_sample(i, p["max_filler"], p["seed"], p["min_filler"])[0] for i in range(n_docs)]
 
 
 def fingerprint(name: str) -> str:

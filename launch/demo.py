@@ -3,11 +3,12 @@
     python -m launch.demo [--plan auto|full|small] [--parallel 2]
 
 1. the committed testbed base (``models/testbed``: a small Llama pretrained at a native 256 tokens that retrieves a
-   pass key at its native length; ``make testbed`` rebuilds it, docs/testbed.md), checked against its manifest;
+   pass key at its native length; ``make testbed`` rebuilds it, docs/testbed.md), checked against its manifest; its
+   native length is read from its config.json;
 2. LoRA fine-tuning at s=4 for each of PI, NTK-aware, NTK-by-parts and YaRN: ``OMP_NUM_THREADS=1 deepspeed
    --num_gpus 2 train.py --config configs/testbed/<method>_4x.yaml`` into ``runs/demo/<method>_4x`` (replaced on
    every run), one after the other (each uses both cores);
-3. perplexity (bundled held-out book) and passkey at 1x, 2x, 4x and 8x the native 256 tokens for nine models: the
+3. perplexity (bundled held-out book) and passkey at 1x, 2x, 4x and 8x the native length for nine models: the
    base without scaling, the base under each method training-free, and the four fine-tuned models; one process per
    model and metric, ``--parallel`` at a time with one thread each, in bfloat16 where the CPU has bf16 units
    (``eval_dtype``), each output line prefixed with its name;
@@ -111,6 +112,15 @@ def model_out(out: Path, index: int, name: str) -> Path:
     return out / f"{index:02d}-{name.replace(' ', '-')}"
 
 
+def native_length(base: Path) -> int:
+    """The base's native context in tokens, from its config.json (``max_position_embeddings``)."""
+    try:
+        return int(json.loads((base / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TestbedError(f"{base}/config.json gives no max_position_embeddings ({e}): restore the base with "
+                           "`git checkout -- models/testbed`") from None
+
+
 def eval_jobs(models: list[tuple[str, list[str]]], e: EvalSection, out: Path, dtype: str = "float32",
               plan: str = "full") -> list[tuple[str, list[str]]]:
     """(name, command) of every evaluation: each task of ``TASKS`` with the config's settings (changed by ``SMALL``
@@ -136,11 +146,11 @@ def demo_models(base: Path, runs: dict[str, Path], methods: dict[str, str]) -> l
     return models
 
 
-def reading(header: list[str], rows: list[list]) -> list[str]:
+def reading(header: list[str], rows: list[list], native: int) -> list[str]:
     """Two lines under the table: perplexity at the target length and passkey within it, for each method
-    training-free and fine-tuned, with the base for reference."""
+    training-free and fine-tuned, with the base for reference (``native``: the base's native length in tokens)."""
     col = {h: i for i, h in enumerate(header)}
-    target, native = 256 * FACTOR, 256
+    target = native * FACTOR
     pk = [f"passkey@{L}" for L in (native, 2 * native, target) if f"passkey@{L}" in col]
 
     def who(row) -> str:
@@ -159,9 +169,10 @@ def reading(header: list[str], rows: list[list]) -> list[str]:
     def ppl(row) -> float:
         return row[col[f"ppl@{target}"]]
 
-    line1 = (f"Perplexity at {target} tokens (4x): fine-tuned {ranked(ft, ppl, '.1f')}; training-free "
+    line1 = (f"Perplexity at {target} tokens ({FACTOR}x): fine-tuned {ranked(ft, ppl, '.1f')}; training-free "
              f"{ranked(tf, ppl, '.1f')}" + (f"; the unscaled base {ppl(base[0]):.1f}." if base else "."))
-    line2 = (f"Passkey at 1x-4x ({native}-{target} tokens), mean: fine-tuned {ranked(ft, pk_mean, '.0%', True)}; "
+    line2 = (f"Passkey at 1x-{FACTOR}x ({native}-{target} tokens), mean: fine-tuned "
+             f"{ranked(ft, pk_mean, '.0%', True)}; "
              f"training-free {ranked(tf, pk_mean, '.0%', True)}"
              + (f"; the base {pk_mean(base[0]):.0%} ({base[0][col[pk[0]]]:.0%} at {native})." if base else "."))
     return [line1, line2]
@@ -177,7 +188,8 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
     log(f"plan: {plan} ({why})")
     log("step 1/4: the committed testbed base")
     base = check_base().relative_to(ROOT)
-    log(f"  {base}: every file matches its manifest")
+    native = native_length(base)
+    log(f"  {base}: every file matches its manifest; native length {native} tokens")
     log(f"step 2/4: LoRA fine-tuning at s={FACTOR}, {', '.join(METHODS)}; 2 processes each")
     runs = {}
     for name, cfg in configs.items():
@@ -205,7 +217,7 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
     result = compare.main([str(model_out(out, i, name)) for i, (name, _) in enumerate(models)] + ["--out", str(where)])
     print()
     print((where / "compare.md").read_text())
-    for line in reading(result["columns"], result["rows"]):
+    for line in reading(result["columns"], result["rows"], native):
         print(line)
     print()
     for f in result["files"]:

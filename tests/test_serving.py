@@ -312,7 +312,8 @@ def test_gguf_weights_read_back_by_transformers(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ROPESCALE_CACHE", str(tmp_path / "cache"))  # the conversion lands there, not in ~/.cache
     info = write_gguf(ROOT / "models" / "testbed", tmp_path / "testbed.gguf")
-    assert info["rope"] == {"rope.freq_base": 1e4, "rope.scaling.type": "none"} and not info["rope_freqs"]
+    theta = json.loads((ROOT / "models" / "testbed" / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    assert info["rope"] == {"rope.freq_base": theta, "rope.scaling.type": "none"} and not info["rope_freqs"]
     tok = load_tokenizer(str(ROOT / "models" / "testbed"))
     ids = torch.tensor([tok(load_corpus("heldout")[0].text[:3000])["input_ids"][:256]])
     ref = load_model(str(ROOT / "models" / "testbed"))

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTBED = ROOT / "models" / "testbed"
-L = 256  # the native context of the tiny presets and of the testbed
+L = 256  # the native context of the tiny presets
+TESTBED_L = json.loads((TESTBED / "config.json").read_text())["max_position_embeddings"]  # the testbed's native
 
 T4_SCRIPT = r"""
 import json, sys, torch, transformers
@@ -158,13 +159,13 @@ def compare(ours_logits: torch.Tensor, ids: list[int], theirs: list[float]) -> t
 
 @pytest.fixture(scope="module")
 def testbed_runs(tmp_path_factory):
-    """The testbed base (native 256) LoRA-fine-tuned 3 steps at s = 4 (1024 tokens) with YaRN and with linear;
-    merged/ of each."""
+    """The testbed base LoRA-fine-tuned 3 steps at s = 4 (rows of 4 x its native length) with YaRN and with
+    linear; merged/ of each."""
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     for method in ("yarn", "linear"):
         run = root / method
-        train(run, f"model.name={TESTBED}", f"rope.method={method}", "rope.factor=4", "data.seq_len=1024",
+        train(run, f"model.name={TESTBED}", f"rope.method={method}", "rope.factor=4", f"data.seq_len={4 * TESTBED_L}",
               "train.micro_batch_size=1", "train.max_steps=3", "train.save_every=0")
         out[method] = run / "merged"
     return root, out
@@ -177,13 +178,14 @@ def test_llama_cpp_runs_the_fine_tuned_gguf_as_trained(testbed_runs, method, mul
     gguf = root / f"{method}.gguf"
     if not gguf.exists():
         write_gguf(merged[method], gguf)
-    ids = book_ids(merged[method], mult * L)
+    ids = book_ids(merged[method], mult * TESTBED_L)
     (root / "ids.json").write_text(json.dumps(ids))
     report = engine("llama.cpp", LLAMA_CPP_SCRIPT, str(gguf), str(root / "ids.json"), cwd=root)
     assert report["version"] == "0.3.36"
     assert report["metadata"]["llama.rope.scaling.type"] == method
     diff, ppl, their_ppl = compare(t5_logits(merged[method], torch.tensor([ids])), ids, report["logp"])
-    print(f"llama.cpp {method} x{mult} ({mult * L} tokens): mean|dlogp| {diff:.2e}, ppl {ppl:.3f} vs {their_ppl:.3f}")
+    print(f"llama.cpp {method} x{mult} ({mult * TESTBED_L} tokens): mean|dlogp| {diff:.2e}, ppl {ppl:.3f} vs "
+          f"{their_ppl:.3f}")
     assert diff < 2e-3 and abs(their_ppl / ppl - 1) < 0.01
 
 
@@ -191,7 +193,7 @@ def test_llama_cpp_runs_the_fine_tuned_gguf_as_trained(testbed_runs, method, mul
                                            ("ntk_aware", {}),
                                            ("yarn", {"beta_fast": 16, "beta_slow": 2, "truncate": False})])
 def test_llama_cpp_per_pair_table_and_attention_factor(tmp_path, method, params):
-    """The testbed base, training-free at s = 4, at 1024 tokens: NTK-by-parts and Llama 3 through a rope_freqs
+    """The testbed base, training-free at s = 4, at 4x its native length: NTK-by-parts and Llama 3 through a rope_freqs
     tensor, YaRN with its own attention factor through rope.scaling.attn_factor, NTK-aware as a base, YaRN with
     other betas through rope_freqs and attn_factor together."""
     config = apply_rope(load_config(str(TESTBED)), method, 4.0, params)
@@ -201,7 +203,7 @@ def test_llama_cpp_per_pair_table_and_attention_factor(tmp_path, method, params)
     write_serving_files(folder, config)
     info = write_gguf(folder, tmp_path / "m.gguf")
     assert info["rope_freqs"] == (method in ("ntk_by_parts", "llama3") or "beta_fast" in params)
-    ids = book_ids(folder, 4 * L)
+    ids = book_ids(folder, 4 * TESTBED_L)
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     report = engine("llama.cpp", LLAMA_CPP_SCRIPT, str(tmp_path / "m.gguf"), str(tmp_path / "ids.json"),
                     cwd=tmp_path)

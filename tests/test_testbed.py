@@ -26,10 +26,13 @@ from data.synthetic import copy_sample, fingerprint, generate, passkey_document,
 from data.tokenizer_train import DIGITS, build_tokenizer, train_bpe
 from launch import testbed
 from launch import demo
-from models.load import load_model, load_tokenizer
+from models.build import apply_arch
+from models.load import load_config, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTBED = ROOT / "configs" / "testbed"
+COMMITTED_CONFIG = json.loads((testbed.COMMITTED_DIR / "config.json").read_text())
+NATIVE = COMMITTED_CONFIG["max_position_embeddings"]  # the committed base's native length; the configs follow it
 METHODS = {"pi": "linear", "ntk_aware": "ntk_aware", "ntk_by_parts": "ntk_by_parts", "yarn": "yarn"}
 
 
@@ -90,6 +93,15 @@ def test_passkey_samples_are_reproducible_and_cover_every_depth():
         assert re.fullmatch(r"\d{5}", key) and text == passkey_document(key, before, after)
 
 
+def test_passkey_min_filler_keeps_documents_long_and_depths_even():
+    samples = [passkey_sample(i, 6, seed=2, min_filler=4) for i in range(400)]
+    assert {b + a for _, _, b, a in samples} == {4, 5, 6}
+    assert {(b, a) for _, _, b, a in samples} == {(b, n - b) for n in (4, 5, 6) for b in range(n + 1)}
+    # min_filler 0 is the stream as it was: committed configs keep their documents
+    assert [passkey_sample(i, 5, seed=0, min_filler=0) for i in range(50)] == [passkey_sample(i, 5) for i in range(50)]
+    assert generate("passkey", 30, {"min_filler": 4, "max_filler": 6, "seed": 2}) == [t for t, *_ in samples[:30]]
+
+
 def test_copy_documents_repeat_their_list():
     for i in range(50):
         m = re.fullmatch(r"Numbers: ([\d ]+)\. Again: ([\d ]+)\.", copy_sample(i, 3))
@@ -102,6 +114,11 @@ def test_copy_documents_repeat_their_list():
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"depth": 1}}, "unknown params depth"),
     ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"max_numbers": 0}}, "positive integer"),
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"max_filler": "5"}}, "positive integer"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"min_filler": -1}}, "non-negative integer"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"min_filler": 9, "max_filler": 8}},
+     "params.min_filler (9) exceeds params.max_filler (8)"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"min_filler": 6}},
+     "exceeds params.max_filler (5)"),
     ({"kind": "bundled", "params": {"seed": 1}}, "`params` is for synthetic sources only"),
 ])
 def test_bad_synthetic_sources_fail_with_one_line(fields, message):
@@ -131,11 +148,13 @@ def test_the_cache_key_follows_the_prompt_wording(monkeypatch):
 # ------------------------------------------------------------------------------------------------------ configs
 
 
-def test_base_config_pretrains_from_scratch_at_a_native_256():
+def test_base_config_pretrains_from_scratch_at_the_committed_native_length():
     cfg = testbed.load_base()
     arch = cfg.model.arch
     assert (cfg.model.init, cfg.lora.enabled, cfg.rope.method) == ("scratch", False, "none")
-    assert arch["max_position_embeddings"] == cfg.data.seq_len == 256
+    assert arch["max_position_embeddings"] == cfg.data.seq_len == NATIVE
+    built = apply_arch(load_config(cfg.model.name), dict(arch))  # the architecture the build trains
+    assert built.rope_parameters["rope_theta"] == COMMITTED_CONFIG["rope_parameters"]["rope_theta"]
     assert arch["hidden_size"] == arch["num_attention_heads"] * arch["head_dim"]
     kinds = [(s.kind, s.name) for s in cfg.data.sources]
     assert ("bundled", None) in kinds and ("synthetic", "passkey") in kinds
@@ -149,8 +168,8 @@ def test_extension_configs_match_their_names(name):
     factor = int(factor[:-1])
     assert (cfg.rope.method, cfg.rope.factor) == (METHODS[method], factor)
     assert cfg.model.name == str(testbed.COMMITTED_DIR.relative_to(ROOT)) and cfg.lora.enabled
-    assert cfg.data.seq_len == 256 * factor and cfg.output.dir == f"runs/testbed/{name}"
-    assert cfg.eval.perplexity.lengths == cfg.eval.passkey.lengths == [256, 512, 1024, 2048]
+    assert cfg.data.seq_len == NATIVE * factor and cfg.output.dir == f"runs/testbed/{name}"
+    assert cfg.eval.perplexity.lengths == cfg.eval.passkey.lengths == [NATIVE * k for k in (1, 2, 4, 8)]
 
 
 def test_demo_evaluates_nine_models_for_each_metric():
@@ -166,8 +185,9 @@ def test_demo_evaluates_nine_models_for_each_metric():
     assert "--rope" not in jobs["ppl base"] and "--rope" not in jobs["passkey yarn x4 fine-tuned"]
     assert jobs["passkey ntk_by_parts x4 fine-tuned"][jobs["passkey ntk_by_parts x4 fine-tuned"].index("--model")
                                                      + 1] == "runs/demo/ntk_by_parts_4x"
+    every = ",".join(str(NATIVE * k) for k in (1, 2, 4, 8))
     for cmd in jobs.values():
-        assert cmd[cmd.index("--lengths") + 1] == "256,512,1024,2048"
+        assert cmd[cmd.index("--lengths") + 1] == every
     full, small = jobs["passkey base"], dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["passkey base"]
     def depths(cmd: list[str]) -> list[float]:
         return [float(d) for d in cmd[cmd.index("--depths") + 1].split(",")]
@@ -177,6 +197,13 @@ def test_demo_evaluates_nine_models_for_each_metric():
     assert "--max-tokens" not in jobs["ppl base"] and ppl_small[ppl_small.index("--max-tokens") + 1] == "32768"
 
 
+def test_demo_reads_the_native_length_from_the_base_and_refuses_a_config_without_it(tmp_path):
+    assert demo.native_length(testbed.COMMITTED_DIR) == NATIVE
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(testbed.TestbedError, match="gives no max_position_embeddings"):
+        demo.native_length(tmp_path)
+
+
 def test_demo_reading_names_every_method_with_its_figures():
     header = ["run", "model", "method", "factor", "fine_tuned", "ppl_mode", "ppl@1024", "passkey@256", "passkey@512",
               "passkey@1024"]
@@ -184,7 +211,7 @@ def test_demo_reading_names_every_method_with_its_figures():
     for i, m in enumerate(["linear", "ntk_aware", "ntk_by_parts", "yarn"]):
         rows.append([f"{m} x4", "b", m, 4, False, "sliding", 100.0 - i, 0.1 * i, 0.0, 0.0])
         rows.append([f"{m} x4 (fine-tuned)", f"runs/demo/{m}", m, 4, True, "sliding", 80.0 - i, 1.0, 0.9, 0.8 - i / 10])
-    one, two = demo.reading(header, rows)
+    one, two = demo.reading(header, rows, 256)
     assert one.startswith("Perplexity at 1024 tokens (4x): fine-tuned yarn 77.0, ntk_by_parts 78.0")
     assert "training-free yarn 97.0" in one and one.endswith("the unscaled base 92.0.")
     assert two.startswith("Passkey at 1x-4x (256-1024 tokens), mean: fine-tuned linear 90%, ntk_aware 87%")
@@ -220,8 +247,7 @@ def test_testbed_tokenizer_fits_the_base_and_its_passkey_documents_fit_the_windo
     arch = cfg.model.arch
     assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
         arch["vocab_size"], arch["bos_token_id"], arch["eos_token_id"], arch["pad_token_id"])
-    spec = next(s for s in cfg.data.sources if s.name == "passkey")
-    max_filler = spec.params["max_filler"]
+    max_filler = max(s.params["max_filler"] for s in cfg.data.sources if s.name == "passkey")
     assert _longest_passkey_document(tok, max_filler) + 1 <= cfg.data.seq_len  # + EOS: answer included, it fits
     # and the evaluation at the native length asks about a key as far away as the training samples put it
     prompt = passkey.build_prompt(tok, cfg.data.seq_len, 0.0, "12345", 10)
@@ -256,7 +282,7 @@ def test_build_is_cached_by_key_and_rebuilt_when_the_config_changes(tmp_path):
     weights = out / "model.safetensors"
     first = weights.stat().st_mtime_ns
     model = load_model(str(out))
-    assert model.config.max_position_embeddings == 256 and model.config.vocab_size == 4096
+    assert model.config.max_position_embeddings == NATIVE and model.config.vocab_size == 4096
     assert len(load_tokenizer(str(out))) == 4096
     key = yaml.safe_load((out / testbed.KEY_FILE).read_text())["key"]
 
@@ -265,7 +291,7 @@ def test_build_is_cached_by_key_and_rebuilt_when_the_config_changes(tmp_path):
     assert manifest["key"] == key and manifest["overrides"] == sets and "--nproc 1" in manifest["build_command"]
     assert testbed.file_table(committed) == manifest["files"] and testbed.KEY_FILE not in manifest["files"]
     assert demo.check_base(committed) == committed
-    (committed / "config.json").write_text((committed / "config.json").read_text().replace("256", "512"))
+    (committed / "config.json").write_text((committed / "config.json").read_text().replace(f": {NATIVE},", ": 512,"))
     with pytest.raises(testbed.TestbedError, match="does not match its manifest.json"):
         demo.check_base(committed)  # a changed file: the demo refuses the base
     with pytest.raises(testbed.TestbedError, match="has no manifest.json"):
@@ -287,7 +313,7 @@ def test_the_committed_base_matches_its_manifest_and_loads_in_plain_transformers
     assert "model.safetensors" in manifest["files"] and not list(folder.glob("*.bin"))
     model = AutoModelForCausalLM.from_pretrained(folder)  # plain transformers: no project code, no remote code
     tok = AutoTokenizer.from_pretrained(folder)
-    assert model.config.max_position_embeddings == 256 and len(tok) == model.config.vocab_size == 4096
+    assert model.config.max_position_embeddings == NATIVE and len(tok) == model.config.vocab_size == 4096
     ids = tok(prompt_text("12345", 2, 2), return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
