@@ -13,7 +13,9 @@ A model only learns to retrieve a pass key if it sees retrieval during training.
   list can only be predicted by looking it up in the first: the look-up a passkey answer needs (an induction head),
   with a dense signal and, in documents of 17-29 tokens, little to search through. Measured on the testbed
   (docs/testbed.md): without these short documents the model never learned to copy within our budget; with them it
-  did.
+  did. ``min_filler`` / ``max_filler`` (default 0) put that many of the passkey prompt's filler groups between the
+  list and its repeat, drawn uniformly: every digit of the repeat is then a look-up across the filler, five per
+  number where a passkey document has one answer.
 
 A run config uses them as data sources (``kind: synthetic``; ``max_docs`` documents each)::
 
@@ -34,7 +36,7 @@ import random
 from typing import Any
 
 from data.config import SYNTHETIC_PARAMS, check_synthetic_params
-from data.prompts import prompt_text, wording
+from data.prompts import FILLER, prompt_text, wording
 from utils.files import json_digest
 
 GENERATOR_VERSION = 1  # bump when the document layout changes: the packed-set cache key includes it
@@ -55,13 +57,17 @@ def passkey_sample(index: int, max_filler: int, seed: int = 0, min_filler: int =
     return passkey_document(key, before, n - before), key, before, n - before
 
 
-def copy_sample(index: int, max_numbers: int, seed: int = 0) -> str:
-    """Document ``index`` of the ``copy`` stream: 1 to ``max_numbers`` random 5-digit numbers, then the same list
-    again. Every digit of the second list is predictable only by looking it up in the first, so these documents
-    train the look-up (an induction head) with a dense signal; the passkey answer is that look-up."""
+def copy_sample(index: int, max_numbers: int, seed: int = 0, min_filler: int = 0, max_filler: int = 0) -> str:
+    """Document ``index`` of the ``copy`` stream: 1 to ``max_numbers`` random 5-digit numbers, then (with
+    ``max_filler``) ``min_filler``-``max_filler`` filler groups, then the same list again. Every digit of the second
+    list is predictable only by looking it up in the first, so these documents train the look-up (an induction head)
+    with a dense signal; the passkey answer is that look-up."""
     rng = random.Random(f"synthetic-copy/{seed}/{index}")
     numbers = " ".join(str(rng.randint(10000, 99999)) for _ in range(rng.randint(1, max_numbers)))
-    return f"Numbers: {numbers}. Again: {numbers}."
+    if max_filler == 0:  # no draw: the stream without filler is the one committed configs were built from
+        return f"Numbers: {numbers}. Again: {numbers}."
+    filler = " ".join([FILLER] * rng.randint(min_filler, max_filler))
+    return f"Numbers: {numbers}.{' ' + filler if filler else ''} Again: {numbers}."
 
 
 def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
@@ -69,7 +75,7 @@ def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
     check_synthetic_params(name, params)
     p = {**SYNTHETIC_PARAMS[name], **params}
     if name == "copy":
-        return [copy_sample(i, p["max_numbers"], p["seed"]) for i in range(n_docs)]
+        return [copy_sample(i, p["max_numbers"], p["seed"], p["min_filler"], p["max_filler"]) for i in range(n_docs)]
     return [passkey_sample(i, p["max_filler"], p["seed"], p["min_filler"])[0] for i in range(n_docs)]
 
 

@@ -108,17 +108,32 @@ def test_copy_documents_repeat_their_list():
         assert m and m.group(1) == m.group(2) and 1 <= len(m.group(1).split()) <= 3
 
 
+def test_copy_documents_with_filler_put_the_list_and_its_repeat_apart():
+    counts = set()
+    for i in range(200):
+        text = copy_sample(i, 4, seed=5, min_filler=2, max_filler=6)
+        m = re.fullmatch(r"Numbers: ([\d ]+)\.((?: " + re.escape(prompts.FILLER) + r")*) Again: ([\d ]+)\.", text)
+        assert m and m.group(1) == m.group(3) and 1 <= len(m.group(1).split()) <= 4
+        counts.add(m.group(2).count(prompts.FILLER))
+        # the numbers are the stream's without filler: the filler count is drawn after them
+        assert m.group(1) == re.match(r"Numbers: ([\d ]+)\.", copy_sample(i, 4, seed=5)).group(1)
+    assert counts == {2, 3, 4, 5, 6}
+    assert copy_sample(3, 2, min_filler=0, max_filler=0) == copy_sample(3, 2)
+
+
 @pytest.mark.parametrize("fields,message", [
     ({"kind": "synthetic", "name": "passkey"}, "needs `name` (one of: passkey, copy) and `max_docs`"),
     ({"kind": "synthetic", "name": "password", "max_docs": 5}, "unknown synthetic generator 'password'"),
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"depth": 1}}, "unknown params depth"),
     ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"max_numbers": 0}}, "positive integer"),
-    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"max_filler": "5"}}, "positive integer"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"max_filler": "5"}}, "non-negative integer"),
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"min_filler": -1}}, "non-negative integer"),
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"min_filler": 9, "max_filler": 8}},
      "params.min_filler (9) exceeds params.max_filler (8)"),
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"min_filler": 6}},
      "exceeds params.max_filler (5)"),
+    ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"min_filler": 3}},
+     "synthetic copy: params.min_filler (3) exceeds params.max_filler (0)"),
     ({"kind": "bundled", "params": {"seed": 1}}, "`params` is for synthetic sources only"),
 ])
 def test_bad_synthetic_sources_fail_with_one_line(fields, message):
@@ -317,3 +332,20 @@ def test_the_committed_base_matches_its_manifest_and_loads_in_plain_transformers
     ids = tok(prompt_text("12345", 2, 2), return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_lookup_distance_bench_scores_the_committed_base(capsys):
+    """bench/lookup_distance.py on the committed base: it copies a number it has just seen (100% of the digits with
+    no filler between), and bad settings are one-line usage errors."""
+    import bench.lookup_distance as bench
+
+    assert bench.main(["--models", "models/testbed", "--fillers", "0,2", "--docs", "4"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| models/testbed |"))
+    cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+    assert cells[0] == "100%" and cells[1].endswith("%") and "k=2 (~" in out
+    for bad in (["--fillers", "a,b"], ["--numbers", "0"], ["--docs", "0"], ["--fillers", "-1"]):
+        with pytest.raises(SystemExit) as err:
+            bench.main(bad)
+        assert err.value.code == 2
+
