@@ -64,8 +64,7 @@ def copy_sample(index: int, max_numbers: int, seed: int = 0, min_filler: int = 0
     with a dense signal; the passkey answer is that look-up."""
     rng = random.Random(f"synthetic-copy/{seed}/{index}")
     numbers = " ".join(str(rng.randint(10000, 99999)) for _ in range(rng.randint(1, max_numbers)))
-    if max_filler == 0:  # no draw: the stream without filler is the one committed configs were built from
-        return f"Numbers: {numbers}. Again: {numbers}."
+    # drawn after the numbers, so that the numbers (and, without filler, the documents) are the stream's as before
     filler = " ".join([FILLER] * rng.randint(min_filler, max_filler))
     return f"Numbers: {numbers}.{' ' + filler if filler else ''} Again: {numbers}."
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data.corpus import load_corpus
+from launch.demo import native_length
 from models.gguf_export import write_gguf
 from models.load import load_config, load_model, load_tokenizer
 from ropescale.apply import apply_rope
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TESTBED = ROOT / "models" / "testbed"
 L = 256  # the native context of the tiny presets
-TESTBED_L = json.loads((TESTBED / "config.json").read_text())["max_position_embeddings"]  # the testbed's native
+TESTBED_L = native_length(TESTBED)  # the testbed's native context, from its config.json
 
 T4_SCRIPT = r"""
 import json, sys, torch, transformers
