@@ -1,10 +1,11 @@
-"""The command ``python -m ropescale inspect|plan|export ...``: see ``ropescale.inspect``, ``ropescale.plan`` and
+"""The command ``python -m ropescale inspect|plan|tune|export ...``: see ``ropescale.inspect``, ``ropescale.plan``,
+``ropescale.search`` (tune: a method's parameters or per-pair factors searched for a target, training-free) and
 ``ropescale.serving`` (export: what each server computes of a model, its config.json legacy keys, a GGUF). Errors
 exit with status 2 and one ``error:`` line.
 
 It sits above ``ropescale`` (which only computes): it loads models (``models.load``), scores candidates
-(``eval.candidates``) and writes the reports and pictures (``launch.plan``); ``ropescale/__main__.py`` calls
-``main``.
+(``eval.candidates``, ``eval.tune``) and writes the reports and pictures (``launch.plan``, ``launch.tune``);
+``ropescale/__main__.py`` calls ``main``.
 """
 
 from __future__ import annotations
@@ -13,20 +14,23 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from eval import tune as tune_eval
 from eval.candidates import SEARCHES, recommend, score_candidates
 from eval.common import locate
 from eval.perplexity import load_texts
+from launch import plan as report
+from launch import tune as tune_report
 from models.gguf_export import write_gguf
 from models.load import load_config
+from ropescale import inspect, plan, search, serving
+from ropescale.apply import PRIMARY, head_dim_of, layer_tables, partial_rotary_factor_of, rope_of
+from ropescale.methods import RopeConfigError, rotary_dim, validate_method
 from training.runtime import choose_precision
-from launch import plan as report
-from ropescale import inspect, plan, serving
-from ropescale.apply import PRIMARY, layer_tables
-from ropescale.methods import RopeConfigError
 from utils.cli import UserError, run_cli
 from utils.files import write_atomic
 from utils.log import Log
@@ -115,11 +119,7 @@ def run_plan(a: argparse.Namespace) -> int:
     if not a.theory_only:
         texts, desc = load_texts(a.data)
         grid = plan.candidates(source["original_len"], a.target, methods, factors)
-        dtype = a.dtype
-        if dtype == "auto":
-            precision, why = choose_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-            dtype = {"bf16": "bfloat16", "fp32": "float32"}[precision]
-            log(f"scoring in {dtype} ({why})")
+        dtype = auto_dtype(a.dtype)
         rows, skipped = score_candidates(a.model, grid, texts, a.target, source["original_len"], windows=a.windows,
                                          n_buckets=a.buckets, tolerance=a.tolerance, dtype=dtype, search=a.search)
         result["measured"] = {"data": desc, "windows": a.windows, "tolerance": a.tolerance,
@@ -173,6 +173,115 @@ def run_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a model name, a model folder, or a run folder (its merged/)")
+    p.add_argument("--target", type=int, required=True, help="the context length to reach (tokens)")
+    p.add_argument("--space", choices=search.SPACES, default="pairs",
+                   help="pairs (default): LongRoPE per-pair factors, seeded from PI, NTK-aware and YaRN; params: "
+                        "--method's own parameters and s")
+    p.add_argument("--method", default="yarn", choices=sorted(search.PARAM_GENES),
+                   help="the method whose parameters --space params searches (default yarn)")
+    p.add_argument("--factor", type=float, default=None,
+                   help="s for --space pairs (default: target / L); --space params searches s itself")
+    p.add_argument("--fixed-factor", action="store_true", help="--space params: keep s at target / L")
+    p.add_argument("--keep", type=int, default=0, help="--space pairs: the first pairs left at factor 1 (LongRoPE's "
+                   "n-hat; default 0)")
+    p.add_argument("--max-lambda", type=float, default=None, help="--space pairs: the largest per-pair factor "
+                   "(default 2 s)")
+    p.add_argument("--budget", type=int, default=120,
+                   help="forward passes the search may spend (a candidate costs --windows, plus 4 with a needle "
+                        "objective; the reference and the report are extra); default 120")
+    p.add_argument("--population", type=int, default=8, help="candidates per generation (default 8)")
+    p.add_argument("--parents", type=int, default=4, help="the best kept as parents each generation (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="the search's random seed")
+    p.add_argument("--objective", choices=tune_eval.OBJECTIVES, default="ppl",
+                   help="ppl (default): loss at the target under the native-cost limit; needle: loss of pass-key "
+                        "answers at the target; mixed: both")
+    p.add_argument("--data", nargs="+", default=["bundled"],
+                   help="held-out text: 'bundled' (the bundled held-out book), .txt/.jsonl files, or a dataset")
+    p.add_argument("--windows", type=int, default=2, help="windows of --target tokens per candidate (search text)")
+    p.add_argument("--report-windows", type=int, default=2,
+                   help="windows of the report text (the stream's end; the search never sees it)")
+    p.add_argument("--native-tolerance", type=float, default=0.05,
+                   help="largest native-window cost (nats) of a feasible candidate (default 0.05)")
+    p.add_argument("--compare", default=",".join(plan.DEFAULT_METHODS),
+                   help="methods reported at their published parameters beside the best (default: %(default)s)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="auto (default): bfloat16 where the hardware has bf16 units, else float32")
+    p.add_argument("--out", default=None, help="folder for tune.md, tune.json, rope.yaml, rope_parameters.json and "
+                   "the pictures")
+    p.add_argument("--json", action="store_true", help="print the whole result as one JSON line last")
+
+
+def auto_dtype(dtype: str) -> str:
+    """``auto``: bfloat16 where the hardware has bf16 units (train.py's rule), else float32; logged."""
+    if dtype != "auto":
+        return dtype
+    precision, why = choose_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}[precision]
+    log(f"scoring in {dtype} ({why})")
+    return dtype
+
+
+def run_tune(a: argparse.Namespace) -> int:
+    compare = [m.strip() for m in a.compare.split(",") if m.strip()]
+    for name, v, lo, hi in (("--budget", a.budget, 1, 10**6), ("--population", a.population, 2, 1000),
+                            ("--parents", a.parents, 1, a.population), ("--seed", a.seed, 0, 2**32 - 1)):
+        if not lo <= v <= hi:
+            raise UserError(f"tune: {name} must be from {lo} to {hi} (got {v})")
+    config = load_config(locate(a.model)["load"])
+    rope = rope_of(config)
+    if rope["method"] != "none":
+        raise UserError(f"tune: {a.model} already carries {rope['method']} x{rope['factor']:g}; tune its base model")
+    L = int(rope["original_max_position_embeddings"])
+    head_dim, prf = head_dim_of(config), partial_rotary_factor_of(config)
+    model = {"model": a.model, "head_dim": head_dim, "rotary_dim": rotary_dim(head_dim, prf),
+             "base": float(config.rope_parameters["rope_theta"]), "original_len": L, "target": a.target,
+             "partial_rotary_factor": prf}
+    if a.target <= L:
+        raise UserError(f"tune: --target {a.target} must be above the original length {L}")
+    nominal = a.target / L
+    factor = nominal if a.factor is None else a.factor
+    if a.space == "pairs":
+        space = search.PairSpace(head_dim, model["base"], L, factor, a.keep, a.max_lambda, prf)
+    else:
+        if a.factor is not None:
+            raise UserError("tune: --factor is for --space pairs; --space params searches s (or --fixed-factor)")
+        space = search.ParamSpace(a.method, nominal, search_factor=not a.fixed_factor)
+    for m in compare:
+        validate_method(m, factor, {}, L)
+    per = (a.windows if a.objective != "needle" else 0) + (len(tune_eval.NEEDLE_DEPTHS) if a.objective != "ppl"
+                                                           else 0)
+    if a.budget < per:
+        raise UserError(f"tune: --budget {a.budget} is less than one candidate's {per} forward passes")
+    texts, desc = load_texts(a.data)
+    dtype = auto_dtype(a.dtype)
+    objective = tune_eval.Objective(a.model, texts, a.target, L, a.objective, a.windows, a.report_windows,
+                                    a.native_tolerance, dtype)
+    t0, spent = time.perf_counter(), objective.forwards
+    history = search.evolve(space, objective, a.budget // per, a.population, a.parents, a.seed,
+                            on_scored=tune_eval.log_scored)
+    settings = {"space": a.space, "method": a.method if a.space == "params" else "longrope", "factor": factor,
+                "objective": a.objective, "windows": a.windows, "report_windows": a.report_windows,
+                "native_tolerance": a.native_tolerance, "budget": a.budget, "population": a.population,
+                "parents": a.parents, "seed": a.seed, "dtype": dtype, "scored": len(history),
+                "forwards": objective.forwards - spent, "seconds": round(time.perf_counter() - t0, 1),
+                "stretches": objective.stretches}
+    defaults = [search.default_candidate(m, factor) for m in compare]
+    best = min(history, key=search.rank_key).candidate
+    comparison = [{"name": f"{c.method} (default)", "factor": c.factor, **objective.report(c)} for c in defaults]
+    comparison.append({"name": f"tuned ({best.method})", "factor": best.factor, **objective.report(best)})
+    comparison.append({"name": "none (unscaled)", "factor": 1.0, **objective.reference["report"]})
+    result = tune_report.assemble(model, desc, settings, history, comparison, defaults)
+    command = "python -m ropescale tune " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    print(tune_report.markdown(result, command))
+    if a.out:
+        print(f"report: {tune_report.write_report(result, history, Path(a.out), command) / 'tune.md'}")
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ropescale", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     add_export_arguments(sub.add_parser("export", help="what each server computes of a model; legacy keys; GGUF",
                                         description=serving.__doc__,
                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_tune_arguments(sub.add_parser("tune", help="search a method's parameters or per-pair factors for a target",
+                                      description=search.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return run_cli(lambda _: run_tune(args))
     if args.command == "plan":
         return run_cli(lambda _: run_plan(args))
     if args.command == "export":
