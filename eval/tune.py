@@ -27,7 +27,7 @@ from data.synthetic import passkey_document
 from eval.candidates import position_nll, summarize
 from eval.common import EvalError, load_eval_model, log
 from eval.passkey import build_prompt
-from eval.perplexity import token_stream, tokenize_documents
+from eval.perplexity import score, token_stream, tokenize_documents
 from ropescale.search import Candidate
 
 OBJECTIVES = ("ppl", "needle", "mixed")
@@ -63,14 +63,26 @@ def needle_documents(tokenizer, target: int, depths: tuple[float, ...] = NEEDLE_
     return docs
 
 
-def answer_nll(model, docs: list[tuple[torch.Tensor, int]]) -> float:
-    """Mean loss of the answer tokens (teacher-forced) over ``docs``."""
+def answer_nll(model, docs: list[tuple[torch.Tensor, int]], chunk_size: int = 1024) -> float:
+    """Mean loss of the answer tokens (teacher-forced) over ``docs``: eval.perplexity's scorer on the whole document,
+    scoring from the answer's first token (the chunked loss: no [T, vocab] logits)."""
     total, count = 0.0, 0
     for ids, start in docs:
-        logits = model(ids[None]).logits[0, start - 1: -1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, ids[start:], reduction="sum"))
-        count += ids.numel() - start
+        r = score(model, ids, [(0, ids.numel(), start)], chunk_size=chunk_size)
+        total, count = total + float(r["nll_sum"]), count + r["tokens"]
     return total / count
+
+
+def check_settings(kind: str, target: int, original_len: int, windows: int, report_windows: int,
+                   native_tolerance: float) -> None:
+    """The objective's settings, checked before anything is loaded (one-line EvalError)."""
+    if kind not in OBJECTIVES:
+        raise EvalError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {kind!r})")
+    if target <= original_len:
+        raise EvalError(f"--target {target} must be above the original length {original_len}")
+    if not (1 <= windows <= 1000 and 1 <= report_windows <= 1000 and 0 <= native_tolerance <= 10):
+        raise EvalError(f"--windows and --report-windows must be 1 to 1000 and --native-tolerance 0 to 10 nats "
+                        f"(got {windows}, {report_windows}, {native_tolerance})")
 
 
 class Objective:
@@ -80,13 +92,7 @@ class Objective:
     def __init__(self, spec: str, texts: list[str], target: int, original_len: int, kind: str = "ppl",
                  windows: int = 2, report_windows: int = 2, native_tolerance: float = 0.05, dtype: str = "float32",
                  chunk_size: int = 1024):
-        if kind not in OBJECTIVES:
-            raise EvalError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {kind!r})")
-        if target <= original_len:
-            raise EvalError(f"--target {target} must be above the original length {original_len}")
-        if not (1 <= windows <= 1000 and 1 <= report_windows <= 1000 and 0 <= native_tolerance <= 10):
-            raise EvalError(f"--windows and --report-windows must be 1 to 1000 and --native-tolerance 0 to 10 nats "
-                            f"(got {windows}, {report_windows}, {native_tolerance})")
+        check_settings(kind, target, original_len, windows, report_windows, native_tolerance)
         self.spec, self.target, self.original_len, self.kind = spec, target, original_len, kind
         self.windows, self.report_windows, self.native_tolerance = windows, report_windows, native_tolerance
         self.dtype, self.chunk_size, self.forwards = dtype, chunk_size, 0

@@ -179,7 +179,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", choices=search.SPACES, default="pairs",
                    help="pairs (default): LongRoPE per-pair factors, seeded from PI, NTK-aware and YaRN; params: "
                         "--method's own parameters and s")
-    p.add_argument("--method", default="yarn", choices=sorted(search.PARAM_GENES),
+    p.add_argument("--method", default=None, choices=sorted(search.PARAM_GENES),
                    help="the method whose parameters --space params searches (default yarn)")
     p.add_argument("--factor", type=float, default=None,
                    help="s for --space pairs (default: target / L); --space params searches s itself")
@@ -226,28 +226,36 @@ def auto_dtype(dtype: str) -> str:
 def run_tune(a: argparse.Namespace) -> int:
     compare = [m.strip() for m in a.compare.split(",") if m.strip()]
     for name, v, lo, hi in (("--budget", a.budget, 1, 10**6), ("--population", a.population, 2, 1000),
-                            ("--parents", a.parents, 1, a.population), ("--seed", a.seed, 0, 2**32 - 1)):
+                            ("--parents", a.parents, 1, a.population - 1), ("--seed", a.seed, 0, 2**32 - 1)):
         if not lo <= v <= hi:
             raise UserError(f"tune: {name} must be from {lo} to {hi} (got {v})")
+    wrong = ([o for o, v in (("--keep", a.keep), ("--max-lambda", a.max_lambda), ("--factor", a.factor)) if v]
+             if a.space == "params" else [o for o, v in (("--method", a.method), ("--fixed-factor", a.fixed_factor))
+                                          if v])
+    if wrong:
+        raise UserError(f"tune: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not used by --space "
+                        f"{a.space}; drop {'it' if len(wrong) == 1 else 'them'}, or use --space "
+                        f"{'pairs' if a.space == 'params' else 'params'}")
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise UserError(f"tune: --out {a.out} is a file; give a folder")
     config = load_config(locate(a.model)["load"])
+    if layer_tables(config) is not None:
+        raise UserError(f"tune: {a.model} has one RoPE per layer type (Gemma 3, OLMo 3); tune searches one table "
+                        "for every layer: plan it with `python -m ropescale plan` instead")
     rope = rope_of(config)
     if rope["method"] != "none":
         raise UserError(f"tune: {a.model} already carries {rope['method']} x{rope['factor']:g}; tune its base model")
     L = int(rope["original_max_position_embeddings"])
     head_dim, prf = head_dim_of(config), partial_rotary_factor_of(config)
     model = {"model": a.model, "head_dim": head_dim, "rotary_dim": rotary_dim(head_dim, prf),
-             "base": float(config.rope_parameters["rope_theta"]), "original_len": L, "target": a.target,
-             "partial_rotary_factor": prf}
-    if a.target <= L:
-        raise UserError(f"tune: --target {a.target} must be above the original length {L}")
+             "base": float(rope["rope_theta"]), "original_len": L, "target": a.target, "partial_rotary_factor": prf}
+    tune_eval.check_settings(a.objective, a.target, L, a.windows, a.report_windows, a.native_tolerance)
     nominal = a.target / L
     factor = nominal if a.factor is None else a.factor
     if a.space == "pairs":
         space = search.PairSpace(head_dim, model["base"], L, factor, a.keep, a.max_lambda, prf)
     else:
-        if a.factor is not None:
-            raise UserError("tune: --factor is for --space pairs; --space params searches s (or --fixed-factor)")
-        space = search.ParamSpace(a.method, nominal, search_factor=not a.fixed_factor)
+        space = search.ParamSpace(a.method or "yarn", nominal, search_factor=not a.fixed_factor)
     for m in compare:
         validate_method(m, factor, {}, L)
     per = (a.windows if a.objective != "needle" else 0) + (len(tune_eval.NEEDLE_DEPTHS) if a.objective != "ppl"
@@ -261,7 +269,7 @@ def run_tune(a: argparse.Namespace) -> int:
     t0, spent = time.perf_counter(), objective.forwards
     history = search.evolve(space, objective, a.budget // per, a.population, a.parents, a.seed,
                             on_scored=tune_eval.log_scored)
-    settings = {"space": a.space, "method": a.method if a.space == "params" else "longrope", "factor": factor,
+    settings = {"space": a.space, "method": space.method if a.space == "params" else "longrope", "factor": factor,
                 "objective": a.objective, "windows": a.windows, "report_windows": a.report_windows,
                 "native_tolerance": a.native_tolerance, "budget": a.budget, "population": a.population,
                 "parents": a.parents, "seed": a.seed, "dtype": dtype, "scored": len(history),
@@ -269,6 +277,9 @@ def run_tune(a: argparse.Namespace) -> int:
                 "stretches": objective.stretches}
     defaults = [search.default_candidate(m, factor) for m in compare]
     best = min(history, key=search.rank_key).candidate
+    if not min(history, key=search.rank_key).score["feasible"]:
+        log(f"tune: no candidate kept the native cost within {a.native_tolerance:g} nats; the best written is over it "
+            "(tune.md says so): raise --native-tolerance or --budget, or tune another space")
     comparison = [{"name": f"{c.method} (default)", "factor": c.factor, **objective.report(c)} for c in defaults]
     comparison.append({"name": f"tuned ({best.method})", "factor": best.factor, **objective.report(best)})
     comparison.append({"name": "none (unscaled)", "factor": 1.0, **objective.reference["report"]})
@@ -276,7 +287,7 @@ def run_tune(a: argparse.Namespace) -> int:
     command = "python -m ropescale tune " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [])
     print(tune_report.markdown(result, command))
     if a.out:
-        print(f"report: {tune_report.write_report(result, history, Path(a.out), command) / 'tune.md'}")
+        print(f"report: {tune_report.write_report(result, Path(a.out), command) / 'tune.md'}")
     if a.json:
         print(json.dumps(result))
     return 0

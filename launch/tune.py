@@ -27,8 +27,9 @@ def exports(c: Candidate, model: dict) -> dict:
     """The candidate as ``rope:`` of a run config and as transformers' ``rope_parameters`` (with the
     ``max_position_embeddings`` that goes with it), for the model described by ``model`` (``head_dim``, ``base``,
     ``original_len``, ``partial_rotary_factor``)."""
+    prf = model["partial_rotary_factor"]
     rp, max_pos = native_rope_parameters(c.method, c.factor, dict(c.params), model["original_len"], model["base"],
-                                         model["head_dim"], model["partial_rotary_factor"])
+                                         model["head_dim"], None if prf == 1.0 else prf)
     return {"rope": {"method": c.method, "factor": c.factor, "params": dict(c.params)},
             "rope_parameters": rp, "max_position_embeddings": max_pos}
 
@@ -43,8 +44,8 @@ def pair_factors(c: Candidate, model: dict) -> list[float]:
 
 
 def rope_yaml(rope: dict) -> str:
-    """``rope:`` of a run config, lists on one line each (a --set override or a config's section)."""
-    return yaml.safe_dump({"rope": rope}, sort_keys=False, default_flow_style=None, width=120)
+    """``rope:`` of a run config, each list on one line (a config's section as it is)."""
+    return yaml.safe_dump({"rope": rope}, sort_keys=False, default_flow_style=None, width=10**9)
 
 
 def markdown(result: dict, command: str) -> str:
@@ -65,8 +66,10 @@ def markdown(result: dict, command: str) -> str:
     for r in result["comparison"]:
         lines.append(f"| {r['name']} | {r['factor']:g} | {r['target_nll']:.4f} | {math.exp(r['target_nll']):.3f} | "
                      f"{r['native_cost']:+.4f} |")
+    over = "" if best["score"]["feasible"] else (f"; **over the native-cost limit** (no candidate kept it within "
+                                                 f"{s['native_tolerance']:g} nats)")
     lines += ["", "## The best candidate", "", f"origin: {best['origin']}, generation {best['generation']}; search "
-              f"objective {best['score']['value']:.4f}", "", "As a run config (`rope.yaml`):", "", "```yaml",
+              f"objective {best['score']['value']:.4f}{over}", "", "As a run config (`rope.yaml`):", "", "```yaml",
               rope_yaml(result["export"]["rope"]).strip(), "```", "",
               "As transformers' `rope_parameters` (`rope_parameters.json`, with max_position_embeddings "
               f"{result['export']['max_position_embeddings']:,}).", "",
@@ -134,13 +137,14 @@ def coverage_plan(result: dict) -> dict:
     cands = []
     for name, lam in result["tables"].items():
         theta = m["base"] ** (-torch.arange(0, m["rotary_dim"], 2, dtype=torch.float64) / m["rotary_dim"])
-        cands.append({"method": name, "factor": result["search"]["factor"],
+        factor = result["best"]["factor"] if name == TUNED else result["search"]["factor"]
+        cands.append({"method": name, "factor": factor,
                       "rows": dimension_rows(theta, theta / torch.tensor(lam, dtype=torch.float64),
                                              m["original_len"], m["target"])})
     return {"model": m, "candidates": cands}
 
 
-def write_report(result: dict, history: list[Scored], out: Path, command: str) -> Path:
+def write_report(result: dict, out: Path, command: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tune.json", {"command": command, **result})
     write_atomic(out / "rope.yaml", rope_yaml(result["export"]["rope"]))

@@ -3,10 +3,11 @@ and the evolutionary loop. Pure: the objective is a function handed in (``eval.t
 
 Two spaces:
 
-- ``ParamSpace``, a method's own parameters (NTK-aware's alpha, the exponent's scale of its base change;
-  NTK-by-parts' alpha and beta; YaRN's beta_slow, beta_fast and attention factor) and, optionally, the scale factor s
-  itself. The formulas' values were fitted to one model (YaRN paper, sections 3.2-3.4: alpha = 1, beta = 32 and
-  0.1 ln s + 1 "for LLaMA"); the search fits them to the model at hand. Genes live in [0, 1] and map to each
+- ``ParamSpace``, a method's own parameters (NTK-aware's alpha, which multiplies s in its base change, so it is
+  searched only with s fixed: alpha s is all the table sees; NTK-by-parts' alpha and beta; YaRN's beta_slow,
+  beta_fast and attention factor) and, optionally, the scale factor s itself. The formulas' values were fitted to
+  one model (YaRN paper, sections 3.2-3.4: alpha = 1, beta = 32 and 0.1 ln s + 1 "for LLaMA"); the search fits them
+  to the model at hand. Genes live in [0, 1] and map to each
   parameter's range (log-scaled where the parameter is a ratio), so one mutation size suits every gene.
 - ``PairSpace``, LongRoPE's form (Ding et al. 2024, section 3.2): one rescale factor lambda_d >= 1 per rotary pair,
   theta_d / lambda_d, non-decreasing with the pair index (that is, with the wavelength: a longer wave is never
@@ -50,10 +51,10 @@ PARAM_GENES = {
 }
 FACTOR_RANGE = (1.0, 2.5)  # s searched from the nominal T / L to 2.5x it (the planner measured up to 2x)
 SEED_METHODS = ("linear", "ntk_aware", "yarn")  # LongRoPE's initial population: PI, NTK and YaRN
-ATTENTION_RANGE = (1.0, 1.6)  # the per-pair space's attention factor (cos/sin multiplier)
+ATTENTION_RANGE = (1.0, 1.6)  # the per-pair space's attention factor (cos/sin multiplier); up to YaRN's own at s
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # equal by ``key``, not by field: two tables at one s are two candidates
 class Candidate:
     """One point of a space: applied as ``method`` at ``factor`` with ``params`` (for the per-pair space: longrope's
     ``short_factor`` = ``long_factor``, one divisor per rotary pair, and ``attention_factor``)."""
@@ -81,8 +82,10 @@ class ParamSpace:
         if not 1.0 <= nominal <= 1e4:
             raise RopeConfigError(f"the target must be 1 to 10000 times the original length (got s = {nominal:g})")
         self.method, self.nominal, self.search_factor = method, nominal, search_factor
-        self.genes = list(PARAM_GENES[method]) + ([("factor", nominal * FACTOR_RANGE[0], nominal * FACTOR_RANGE[1],
-                                                     True)] if search_factor else [])
+        # NTK-aware's table depends on alpha * s only: with s searched, alpha would only repeat the same tables
+        own = [] if (method == "ntk_aware" and search_factor) else list(PARAM_GENES[method])
+        self.genes = own + ([("factor", nominal * FACTOR_RANGE[0], nominal * FACTOR_RANGE[1], True)]
+                            if search_factor else [])
 
     def _value(self, gene: tuple, u: float) -> float:
         _, lo, hi, log = gene
@@ -97,11 +100,20 @@ class ParamSpace:
         # six significant digits: the defaults come back as written (1, 32), not 0.9999999999999999
         values = {g[0]: float(f"{self._value(g, u):.6g}") for g, u in zip(self.genes, self.repair(units))}
         factor = values.pop("factor", self.nominal)
+        if not values and self.method == "ntk_aware":
+            values = dict(NTK_AWARE_DEFAULTS)  # s searched: alpha stays at 1
         return Candidate(self.method, factor, values, origin)
 
     def units(self, c: Candidate) -> list[float]:
         values = {**c.params, "factor": c.factor}
         return [self._unit(g, values[g[0]]) for g in self.genes]
+
+    def published(self) -> dict:
+        """The method's parameters as the paper (and transformers) set them, for this space's genes."""
+        return {"ntk_aware": dict(NTK_AWARE_DEFAULTS),
+                "ntk_by_parts": {"alpha": BY_PARTS_DEFAULTS["alpha"], "beta": BY_PARTS_DEFAULTS["beta"]},
+                "yarn": {"beta_slow": YARN_DEFAULTS["beta_slow"], "beta_fast": YARN_DEFAULTS["beta_fast"],
+                         "attention_factor": mscale(self.nominal)}}[self.method]
 
     def repair(self, units: list[float]) -> list[float]:
         """Clamp to [0, 1]; the ramp's two ends in order, beta at least twice alpha (so the ramp has width): beta
@@ -119,10 +131,8 @@ class ParamSpace:
 
     def seeds(self) -> list[Candidate]:
         """The method at its published parameters and the nominal s (what the formulas give)."""
-        defaults = {"ntk_aware": dict(NTK_AWARE_DEFAULTS),
-                    "ntk_by_parts": {"alpha": BY_PARTS_DEFAULTS["alpha"], "beta": BY_PARTS_DEFAULTS["beta"]},
-                    "yarn": {"beta_slow": YARN_DEFAULTS["beta_slow"], "beta_fast": YARN_DEFAULTS["beta_fast"],
-                             "attention_factor": mscale(self.nominal)}}[self.method]
+        names = {g[0] for g in self.genes}
+        defaults = {k: v for k, v in self.published().items() if k in names}
         return [self.candidate(self.units(Candidate(self.method, self.nominal, defaults)), "default")]
 
     def mutate(self, c: Candidate, rng: random.Random, sigma: float = 0.12) -> Candidate:
@@ -139,7 +149,8 @@ class ParamSpace:
 class PairSpace:
     """LongRoPE's per-pair factors for a model's RoPE (``head_dim``, ``base``, ``original_len``,
     ``partial_rotary_factor``) at scale ``factor``: lambda in [1, ``max_lambda``], non-decreasing, the first
-    ``keep`` pairs at 1; plus the attention factor in ``ATTENTION_RANGE``."""
+    ``keep`` pairs at 1; plus the attention factor in ``ATTENTION_RANGE`` (widened to YaRN's own at s). With
+    ``keep`` > 0 the seeds are the methods' tables with their first pairs set to 1."""
 
     def __init__(self, head_dim: int, base: float, original_len: int, factor: float, keep: int = 0,
                  max_lambda: float | None = None, partial_rotary_factor: float = 1.0):
@@ -155,6 +166,8 @@ class PairSpace:
             raise RopeConfigError(f"--max-lambda must be at least the scale factor {factor:g} and at most 1e5 "
                                   f"(got {self.max_lambda:g})")
         self.base, self.original_len, self.factor, self.keep = base, original_len, factor, keep
+        # YaRN's own temperature must stay reachable (0.1 ln s + 1 passes 1.6 beyond s = e^6)
+        self.attention_range = (ATTENTION_RANGE[0], max(ATTENTION_RANGE[1], mscale(factor)))
 
     def candidate(self, lam: list[float], attention: float, origin: str) -> Candidate:
         lam, attention = self.repair(lam, attention)
@@ -168,7 +181,8 @@ class PairSpace:
         t = torch.tensor(lam, dtype=torch.float64).clamp(1.0, self.max_lambda)
         t[: self.keep] = 1.0
         t = torch.cummax(t, 0).values
-        return [float(x) for x in t], min(ATTENTION_RANGE[1], max(ATTENTION_RANGE[0], float(attention)))
+        lo, hi = self.attention_range
+        return [float(x) for x in t], min(hi, max(lo, float(attention)))
 
     def table(self, method: str, params: dict | None = None) -> Candidate:
         """``method``'s own table at this space's s as a candidate (exact: ``longrope_form``), repaired."""
@@ -207,7 +221,9 @@ class Scored:
 
 
 def rank_key(s: Scored) -> tuple:
-    return (not s.score["feasible"], s.score["value"])
+    """Feasible first, then the lower value; a non-finite value (a diverged candidate) last of its kind."""
+    v = s.score["value"]
+    return (not s.score["feasible"], v if math.isfinite(v) else math.inf)
 
 
 def evolve(space, score: Callable[[Candidate], dict], budget: int, population: int = 8, parents: int = 4,
@@ -215,9 +231,10 @@ def evolve(space, score: Callable[[Candidate], dict], budget: int, population: i
     """Search ``space`` for the candidate with the lowest ``score(c)["value"]`` among feasible ones, scoring at most
     ``budget`` distinct candidates. Returns every scored candidate in order (``generation`` 0: the seeds and their
     mutations)."""
-    if budget < 1 or population < 2 or not 1 <= parents <= population:
-        raise RopeConfigError(f"the search needs budget >= 1, population >= 2 and 1 <= parents <= population (got "
-                              f"{budget}, {population}, {parents})")
+    if budget < 1 or population < 2 or not 1 <= parents < population:
+        raise RopeConfigError(f"the search needs budget >= 1, population >= 2 and 1 <= parents < population (got "
+                              f"{budget}, {population}, {parents}): each generation makes population - parents "
+                              "children")
     rng = random.Random(seed)
     seen: dict[str, Scored] = {}
     history: list[Scored] = []

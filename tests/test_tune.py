@@ -19,19 +19,14 @@ from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from configs.schema import load_run_config
+from eval.common import load_eval_model
+from eval.tune import answer_nll, needle_documents
 from launch import tune as tune_report
 from launch.rope_cli import main
 from models.build import scaled_config
 from models.load import load_config
 from ropescale.methods import ROPE_METHODS, RopeConfigError
-from ropescale.search import (
-    PARAM_GENES,
-    Candidate,
-    PairSpace,
-    ParamSpace,
-    evolve,
-    rank_key,
-)
+from ropescale.search import PARAM_GENES, Candidate, PairSpace, ParamSpace, Scored, evolve, rank_key
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = json.loads((ROOT / "models/testbed/config.json").read_text())["max_position_embeddings"]
@@ -103,8 +98,9 @@ def test_the_constraints_are_checked_with_one_line_errors():
             PairSpace(**{**SPACE, **kw})
     with pytest.raises(RopeConfigError, match="searches ntk_aware, ntk_by_parts, yarn"):
         ParamSpace("linear", 4.0)
-    with pytest.raises(RopeConfigError, match="budget >= 1"):
-        evolve(PairSpace(**SPACE), lambda c: {"value": 0, "feasible": True}, 0)
+    for budget, parents in ((0, 2), (10, 8)):
+        with pytest.raises(RopeConfigError, match="budget >= 1"):
+            evolve(PairSpace(**SPACE), lambda c: {"value": 0, "feasible": True}, budget, population=8, parents=parents)
 
 
 def test_the_search_keeps_its_budget_scores_each_candidate_once_and_beats_its_seeds():
@@ -164,15 +160,18 @@ def test_the_run_config_fragment_loads_and_scales_a_model_as_train_py_does(tmp_p
 
 def test_bad_settings_are_one_line_errors(capsys, tmp_path):
     for argv, msg in [(["--budget", "0"], "--budget must be from 1"),
-                      (["--parents", "9"], "--parents must be from 1 to 8"),
-                      (["--space", "params", "--factor", "3"], "--factor is for --space pairs"),
+                      (["--parents", "8"], "--parents must be from 1 to 7"),
+                      (["--space", "params", "--keep", "2"], "--keep is not used by --space params"),
+                      (["--out", str(tmp_path / "f")], "is a file"),
+                      (["--space", "params", "--factor", "3"], "--factor is not used by --space params"),
                       (["--windows", "1", "--budget", "1", "--objective", "mixed"], "less than one candidate's 5"),
                       (["--target", "100"], "must be above the original length")]:
+        (tmp_path / "f").write_text("a file, not a folder")
         args = ["tune", "--model", "models/testbed", "--target", str(4 * NATIVE), *argv]
         assert main(args) == 2, argv
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and msg in err[0], (argv, err)
-    assert not list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["f"] and (tmp_path / "f").read_text() == "a file, not a folder"
 
 
 @pytest.mark.slow
@@ -197,3 +196,26 @@ def test_tune_on_the_testbed_writes_the_report_and_the_exports(tmp_path, capsys)
     names = [r["name"] for r in result["comparison"]]
     assert names == ["linear (default)", "ntk_aware (default)", "ntk_by_parts (default)", "yarn (default)",
                      "tuned (longrope)", "none (unscaled)"]
+
+
+def test_ntk_aware_searches_s_alone_and_non_finite_scores_rank_last():
+    space = ParamSpace("ntk_aware", 4.0)  # alpha * s is all its table sees: only s is searched
+    assert [g[0] for g in space.genes] == ["factor"] and space.seeds()[0].params == {"alpha": 1.0}
+    assert [g[0] for g in ParamSpace("ntk_aware", 4.0, search_factor=False).genes] == ["alpha"]
+    c = space.seeds()[0]
+    scored = [Scored(c, {"value": v, "feasible": True}, 0) for v in (float("nan"), 3.0, float("inf"))]
+    assert min(scored, key=rank_key).score["value"] == 3.0
+    big = PairSpace(64, 1e4, 1024, 1000.0)  # YaRN's own temperature (1.69) stays reachable at s = 1000
+    assert big.table("yarn").params["attention_factor"] == pytest.approx(0.1 * math.log(1000) + 1)
+
+
+def test_the_needle_loss_scores_exactly_the_answer_tokens():
+    em = load_eval_model("models/testbed", {})
+    docs = needle_documents(em.tokenizer, 2 * NATIVE, depths=(0.5,))
+    ids, start = docs[0]
+    assert ids.numel() <= 2 * NATIVE
+    assert em.tokenizer.decode(ids[start:]).strip().rstrip(".").isdigit()  # the key, then its full stop
+    with torch.inference_mode():
+        logits = em.model(ids[None]).logits[0].double()
+        want = torch.nn.functional.cross_entropy(logits[start - 1:-1], ids[start:]).item()
+        assert answer_nll(em.model, docs) == pytest.approx(want, rel=1e-5)
