@@ -73,6 +73,11 @@ def answer_nll(model, docs: list[tuple[torch.Tensor, int]], chunk_size: int = 10
     return total / count
 
 
+def forwards_per_candidate(kind: str, windows: int) -> int:
+    """Forward passes one candidate costs under objective ``kind``."""
+    return (windows if kind != "needle" else 0) + (len(NEEDLE_DEPTHS) if kind != "ppl" else 0)
+
+
 def check_settings(kind: str, target: int, original_len: int, windows: int, report_windows: int,
                    native_tolerance: float) -> None:
     """The objective's settings, checked before anything is loaded (one-line EvalError)."""
@@ -125,9 +130,7 @@ class Objective:
             if self.kind != "ppl":
                 self.forwards += len(self.needles)
                 out["needle_nll"] = answer_nll(model, self.needles)
-        value = {"ppl": out.get("target_nll"), "needle": out.get("needle_nll")}.get(self.kind)
-        if value is None:
-            value = out["target_nll"] + out["needle_nll"]
+        value = out.get("target_nll", 0.0) + out.get("needle_nll", 0.0)  # each objective adds the losses it scored
         feasible = self.kind == "needle" or out["native_cost"] <= self.native_tolerance
         return {**out, "value": value, "feasible": feasible, "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -258,8 +258,7 @@ def run_tune(a: argparse.Namespace) -> int:
         space = search.ParamSpace(a.method or "yarn", nominal, search_factor=not a.fixed_factor)
     for m in compare:
         validate_method(m, factor, {}, L)
-    per = (a.windows if a.objective != "needle" else 0) + (len(tune_eval.NEEDLE_DEPTHS) if a.objective != "ppl"
-                                                           else 0)
+    per = tune_eval.forwards_per_candidate(a.objective, a.windows)
     if a.budget < per:
         raise UserError(f"tune: --budget {a.budget} is less than one candidate's {per} forward passes")
     texts, desc = load_texts(a.data)
@@ -276,8 +275,9 @@ def run_tune(a: argparse.Namespace) -> int:
                 "forwards": objective.forwards - spent, "seconds": round(time.perf_counter() - t0, 1),
                 "stretches": objective.stretches}
     defaults = [search.default_candidate(m, factor) for m in compare]
-    best = min(history, key=search.rank_key).candidate
-    if not min(history, key=search.rank_key).score["feasible"]:
+    top = min(history, key=search.rank_key)
+    best = top.candidate
+    if not top.score["feasible"]:
         log(f"tune: no candidate kept the native cost within {a.native_tolerance:g} nats; the best written is over it "
             "(tune.md says so): raise --native-tolerance or --budget, or tune another space")
     comparison = [{"name": f"{c.method} (default)", "factor": c.factor, **objective.report(c)} for c in defaults]

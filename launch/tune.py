@@ -82,12 +82,24 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def plot_search(history: list[dict], path: Path) -> Path:
-    """Every scored candidate's objective in order, feasible or not, and the best so far."""
+def _axes():
+    """One figure with one axes, matplotlib imported on first use (the command's other paths draw nothing)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 5), layout="constrained")
-    ax = fig.subplots()
+    return fig, fig.subplots()
+
+
+def _finish(fig, ax, path: Path) -> Path:
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return path
+
+
+def plot_search(history: list[dict], path: Path) -> Path:
+    """Every scored candidate's objective in order, feasible or not, and the best so far."""
+    fig, ax = _axes()
     xs = range(1, len(history) + 1)
     vals = [h["score"]["value"] for h in history]
     ok = [h["score"]["feasible"] for h in history]
@@ -101,10 +113,7 @@ def plot_search(history: list[dict], path: Path) -> Path:
     ax.step(list(xs), run, "k-", where="post", label="best feasible so far")
     ax.set_xlabel("candidates scored")
     ax.set_ylabel("objective (nats; lower is better)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_factors(result: dict, path: Path) -> Path:
@@ -113,10 +122,7 @@ def plot_factors(result: dict, path: Path) -> Path:
     m = result["model"]
     wave = [2 * math.pi * m["base"] ** (2 * d / m["rotary_dim"]) / m["original_len"]
             for d in range(m["rotary_dim"] // 2)]
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = _axes()
     for k, (name, lam) in enumerate(result["tables"].items()):
         ax.plot(wave, lam, "-" if name == TUNED else "--", lw=2.5 if name == TUNED else 1.2,
                 color="k" if name == TUNED else f"C{k}", label=name)
@@ -125,18 +131,15 @@ def plot_factors(result: dict, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("wavelength / L (dotted: 32 turns and 1 turn within L)")
     ax.set_ylabel("divisor lambda_d of theta_d (1 = kept, s = PI)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-    return path
+    return _finish(fig, ax, path)
 
 
 def coverage_plan(result: dict) -> dict:
     """The tuned candidate and the defaults in ``launch.plan.plot_coverage``'s form (per-pair coverage rows)."""
     m = result["model"]
+    theta = m["base"] ** (-torch.arange(0, m["rotary_dim"], 2, dtype=torch.float64) / m["rotary_dim"])
     cands = []
     for name, lam in result["tables"].items():
-        theta = m["base"] ** (-torch.arange(0, m["rotary_dim"], 2, dtype=torch.float64) / m["rotary_dim"])
         factor = result["best"]["factor"] if name == TUNED else result["search"]["factor"]
         cands.append({"method": name, "factor": factor,
                       "rows": dimension_rows(theta, theta / torch.tensor(lam, dtype=torch.float64),
