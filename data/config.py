@@ -21,9 +21,9 @@ class DataError(UserError):
 
 # The settings of each synthetic generator (data/synthetic.py) and their defaults; checked here, with the rest of a
 # source, when a config is loaded.
-SYNTHETIC_PARAMS = {"passkey": {"min_filler": 0, "max_filler": 5, "seed": 0},
-                    "copy": {"max_numbers": 12, "min_filler": 0, "max_filler": 0, "seed": 0}}
-_MAY_BE_ZERO = {"seed", "min_filler", "max_filler"}  # max_numbers counts numbers and must be at least 1
+SYNTHETIC_PARAMS = {"passkey": {"min_filler": 0, "max_filler": 5, "seed": 0, "shuffle": 0},
+                    "copy": {"max_numbers": 12, "min_filler": 0, "max_filler": 0, "seed": 0, "shuffle": 0}}
+_MAY_BE_ZERO = {"seed", "min_filler", "max_filler", "shuffle"}  # max_numbers counts numbers and must be at least 1
 
 
 def check_synthetic_params(name: str, params: dict[str, Any]) -> None:
@@ -40,6 +40,9 @@ def check_synthetic_params(name: str, params: dict[str, Any]) -> None:
             kind = "a non-negative" if lowest == 0 else "a positive"
             raise DataError(f"synthetic {name}: params.{key} must be {kind} integer, got {value!r}")
     merged = {**valid, **params}
+    if merged["shuffle"] > 1:
+        raise DataError(f"synthetic {name}: params.shuffle must be 0 (repeated filler groups) or 1 (sentences drawn "
+                        f"at random), got {merged['shuffle']}")
     if merged["min_filler"] > merged["max_filler"]:
         raise DataError(f"synthetic {name}: params.min_filler ({merged['min_filler']}) exceeds params.max_filler "
                         f"({merged['max_filler']}); lower min_filler or raise max_filler")
@@ -69,8 +72,8 @@ class SourceSpec(StrictModel):
     max_docs: int | None = Field(default=None, gt=0)
     """Read at most this many documents (before filters) from the source."""
     params: dict[str, Any] = {}
-    """Generator settings; `synthetic` only (passkey: `min_filler`, `max_filler`, `seed`; copy: `max_numbers`,
-    `min_filler`, `max_filler`, `seed`; see data/synthetic.py)."""
+    """Generator settings; `synthetic` only (passkey: `min_filler`, `max_filler`, `seed`, `shuffle`; copy:
+    `max_numbers`, `min_filler`, `max_filler`, `seed`, `shuffle`; see data/synthetic.py)."""
     weight: float = Field(default=1.0, gt=0)
     """How many times each of the source's documents enters one pass: 2.0 repeats every document twice, 0.5 keeps a
     seeded half of them, 1.5 all of them plus a seeded half again. Mixes sources by (document-count) weight."""

@@ -17,6 +17,11 @@ A model only learns to retrieve a pass key if it sees retrieval during training.
   list and its repeat, drawn uniformly: every digit of the repeat is then a look-up across the filler, five per
   number where a passkey document has one answer.
 
+Both take ``shuffle`` (0 or 1, default 0): with 1 the filler groups are as many of the group's sentences drawn at
+random (``data.prompts.filler_text``), so that the distances across the filler do not fall on a lattice of the group's
+length: a model trained only on repeated groups can find the key by position (a rotary pair that turns about once per
+group) instead of by content, and then loses it where that pair's phase drifts (docs/testbed.md, runs 8-9).
+
 A run config uses them as data sources (``kind: synthetic``; ``max_docs`` documents each)::
 
     sources:
@@ -36,36 +41,39 @@ import random
 from typing import Any
 
 from data.config import SYNTHETIC_PARAMS, check_synthetic_params
-from data.prompts import FILLER, prompt_text, wording
+from data.prompts import filler_text, prompt_text, wording
 from utils.files import json_digest
 
 GENERATOR_VERSION = 1  # bump when the document layout changes: the packed-set cache key includes it
 
 
-def passkey_document(key: str, n_before: int, n_after: int) -> str:
+def passkey_document(key: str, n_before: int, n_after: int, rng: random.Random | None = None) -> str:
     """One training document: the evaluation prompt with the key after ``n_before`` filler groups and ``n_after``
-    groups before the question, then the answer (`` <key>.``, as the model should continue the prompt)."""
-    return f"{prompt_text(key, n_before, n_after)} {key}."
+    groups before the question (drawn sentences with ``rng``: ``data.prompts.filler_text``), then the answer
+    (`` <key>.``, as the model should continue the prompt)."""
+    return f"{prompt_text(key, n_before, n_after, rng)} {key}."
 
 
-def passkey_sample(index: int, max_filler: int, seed: int = 0, min_filler: int = 0) -> tuple[str, str, int, int]:
+def passkey_sample(index: int, max_filler: int, seed: int = 0, min_filler: int = 0,
+                   shuffle: int = 0) -> tuple[str, str, int, int]:
     """Document ``index`` of the stream: (text, key, n_before, n_after); a pure function of its arguments."""
     rng = random.Random(f"synthetic-passkey/{seed}/{index}")
     n = rng.randint(min_filler, max_filler)
     before = rng.randint(0, n)
     key = str(rng.randint(10000, 99999))
-    return passkey_document(key, before, n - before), key, before, n - before
+    return passkey_document(key, before, n - before, rng if shuffle else None), key, before, n - before
 
 
-def copy_sample(index: int, max_numbers: int, seed: int = 0, min_filler: int = 0, max_filler: int = 0) -> str:
+def copy_sample(index: int, max_numbers: int, seed: int = 0, min_filler: int = 0, max_filler: int = 0,
+                shuffle: int = 0) -> str:
     """Document ``index`` of the ``copy`` stream: 1 to ``max_numbers`` random 5-digit numbers, then (with
-    ``max_filler``) ``min_filler``-``max_filler`` filler groups, then the same list again. Every digit of the second
-    list is predictable only by looking it up in the first, so these documents train the look-up (an induction head)
-    with a dense signal; the passkey answer is that look-up."""
+    ``max_filler``) ``min_filler``-``max_filler`` filler groups (drawn sentences with ``shuffle``), then the same
+    list again. Every digit of the second list is predictable only by looking it up in the first, so these documents
+    train the look-up (an induction head) with a dense signal; the passkey answer is that look-up."""
     rng = random.Random(f"synthetic-copy/{seed}/{index}")
     numbers = " ".join(str(rng.randint(10000, 99999)) for _ in range(rng.randint(1, max_numbers)))
     # drawn after the numbers, so that the numbers (and, without filler, the documents) are the stream's as before
-    filler = " ".join([FILLER] * rng.randint(min_filler, max_filler))
+    filler = filler_text(rng.randint(min_filler, max_filler), rng if shuffle else None)
     return f"Numbers: {numbers}.{' ' + filler if filler else ''} Again: {numbers}."
 
 
@@ -74,8 +82,9 @@ def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
     check_synthetic_params(name, params)
     p = {**SYNTHETIC_PARAMS[name], **params}
     if name == "copy":
-        return [copy_sample(i, p["max_numbers"], p["seed"], p["min_filler"], p["max_filler"]) for i in range(n_docs)]
-    return [passkey_sample(i, p["max_filler"], p["seed"], p["min_filler"])[0] for i in range(n_docs)]
+        return [copy_sample(i, p["max_numbers"], p["seed"], p["min_filler"], p["max_filler"], p["shuffle"])
+                for i in range(n_docs)]
+    return [passkey_sample(i, p["max_filler"], p["seed"], p["min_filler"], p["shuffle"])[0] for i in range(n_docs)]
 
 
 def fingerprint(name: str) -> str:

@@ -6,6 +6,7 @@ The heavy pretraining itself is not a test; the build test trains two steps.
 """
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -121,8 +122,36 @@ def test_copy_documents_with_filler_put_the_list_and_its_repeat_apart():
     assert copy_sample(3, 2, min_filler=0, max_filler=0) == copy_sample(3, 2)
 
 
+def test_shuffled_filler_draws_the_groups_sentences_and_spreads_distances():
+    tok = load_tokenizer(str(testbed.COMMITTED_DIR))
+    for i in range(30):
+        text, key, before, after = passkey_sample(i, 6, seed=4, min_filler=2, shuffle=1)
+        # the same key and depth as the repeated-filler document; only the filler differs
+        assert (key, before, after) == passkey_sample(i, 6, seed=4, min_filler=2)[1:]
+        head, tail = text.split(prompts.KEY_LINE.format(key=key))
+        filler = head.removeprefix(prompts.TASK).strip() + " " + tail.split(prompts.QUESTION)[0].strip()
+        sentences = [f"{s.strip()}." for s in filler.strip().removesuffix(".").split(".") if s.strip()]
+        assert len(sentences) == 5 * (before + after) and set(sentences) <= set(prompts.SENTENCES)
+    assert copy_sample(7, 2, seed=5, min_filler=1, max_filler=4, shuffle=1).split(" Again: ")[1] == \
+        copy_sample(7, 2, seed=5, min_filler=1, max_filler=4).split(" Again: ")[1]
+
+    def gaps(shuffle: int) -> set[int]:  # key-to-question distances in tokens, for 3 filler groups between them
+        out = set()
+        for i in range(40):
+            text = passkey_document("48213", 0, 3, random.Random(i) if shuffle else None)
+            ids = tok(text).input_ids
+            out.add(len(ids) - len(tok(text.split("48213")[0]).input_ids))
+        return out
+    # repeated groups: one distance (the lattice); drawn sentences: a spread of distances
+    assert len(gaps(0)) == 1 and len(gaps(1)) >= 8
+    assert generate("copy", 5, {"max_numbers": 2, "max_filler": 3, "shuffle": 1}) == \
+        [copy_sample(i, 2, max_filler=3, shuffle=1) for i in range(5)]
+
+
 @pytest.mark.parametrize("fields,message", [
     ({"kind": "synthetic", "name": "passkey"}, "needs `name` (one of: passkey, copy) and `max_docs`"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"shuffle": 2}},
+     "params.shuffle must be 0 (repeated filler groups) or 1 (sentences drawn at random), got 2"),
     ({"kind": "synthetic", "name": "password", "max_docs": 5}, "unknown synthetic generator 'password'"),
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"depth": 1}}, "unknown params depth"),
     ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"max_numbers": 0}}, "positive integer"),
@@ -349,3 +378,22 @@ def test_lookup_distance_bench_scores_the_committed_base(capsys):
             bench.main(bad)
         assert err.value.code == 2
 
+
+
+def test_passkey_heads_bench_splits_the_logit_by_rotary_pair(capsys):
+    """bench/passkey_heads.py on the committed base at its native length: the answers it reports are the model's
+    (every digit right, as eval.passkey finds), its per-pair rotary terms add up to the model's own attention (the
+    bench stops otherwise), and the head it names as the copy head puts most of its attention on the right digit."""
+    import bench.passkey_heads as bench
+
+    assert bench.main(["--model", "models/testbed", "--depths", "0.5,1", "--trials", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| 0.5 |")
+            or line.startswith("| 1 |")]
+    assert len(rows) == 2 and all(r[2] == "yes" and r[3] == "4/4" for r in rows)
+    assert all(float(r[5]) > 0.5 for r in rows)  # the copy head's share on the digit to copy
+    assert out.count("| L") == COMMITTED_CONFIG["num_hidden_layers"] * COMMITTED_CONFIG["num_attention_heads"]
+    for bad in (["--depths", "x"], ["--depths", "2"], ["--trials", "0"], ["--length", "8"]):
+        with pytest.raises(SystemExit) as err:
+            bench.main(bad)
+        assert err.value.code == 2
