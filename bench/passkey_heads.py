@@ -66,21 +66,21 @@ def read_prompt(model, tokenizer, length: int, depth: float, trial: int) -> dict
             "att": att, "captured": captured, "digits": digits, "sources": sources}
 
 
-def pair_scores(config, q: torch.Tensor, k: torch.Tensor, head: int, query: int, keys: list[int]) -> torch.Tensor:
-    """``[len(keys), head_dim / 2]``: each rotary pair's term of head ``head``'s attention logit from position
-    ``query`` to each of ``keys``. q ``[T, heads * head_dim]`` and k ``[T, kv_heads * head_dim]`` are the projections
-    before RoPE; pair j is dimensions (j, j + head_dim / 2) (transformers' rotate_half layout) turning at theta_j per
-    token, so its term is A cos(theta_j d) - B sin(theta_j d) for distance d, with A + iB = q_j conj(k_j) (as complex
-    numbers q_j + i q_{j+h}); the terms sum to the logit before softmax (divided by sqrt(head_dim), as Llama does)."""
+def pair_scores(config, theta: torch.Tensor, q: torch.Tensor, k: torch.Tensor, head: int, query: int) -> torch.Tensor:
+    """``[query + 1, head_dim / 2]``: each rotary pair's term of head ``head``'s attention logit from position
+    ``query`` to every position up to it. q ``[T, heads * head_dim]`` and k ``[T, kv_heads * head_dim]`` are the
+    projections before RoPE; pair j is dimensions (j, j + head_dim / 2) (transformers' rotate_half layout) turning at
+    ``theta[j]`` per token, so its term is A cos(theta_j d) - B sin(theta_j d) for distance d, with
+    A + iB = q_j conj(k_j) (complex q_j + i q_{j+h}); the terms sum to the logit before softmax (over sqrt(hd))."""
     hd = config.head_dim
+    keys = torch.arange(query + 1)
     kv = head // (config.num_attention_heads // config.num_key_value_heads)
     half = hd // 2
     qh = q[query, head * hd:(head + 1) * hd].double()
     kh = k[keys, kv * hd:(kv + 1) * hd].double()  # [K, hd]
     a = qh[:half] * kh[:, :half] + qh[half:] * kh[:, half:]
     b = qh[half:] * kh[:, :half] - qh[:half] * kh[:, half:]
-    theta, _ = frequencies(hd, config.rope_parameters["rope_theta"], config.max_position_embeddings, "none", 1.0)
-    d = torch.tensor([query - j for j in keys], dtype=torch.float64)[:, None] * theta.double()[None]
+    d = (query - keys).double()[:, None] * theta.double()[None]
     return (a * torch.cos(d) - b * torch.sin(d)) / hd ** 0.5
 
 
@@ -98,15 +98,15 @@ def copy_terms(config, r: dict, layer: int, head: int) -> dict:
     terms = {name: 0.0 for name in regions} | {"margin": 0.0}
     for i, t in enumerate(r["digits"][1:], start=1):
         query = t - 1
-        keys = list(range(query + 1))
-        logits = pair_scores(config, q, k, head, query, keys).sum(-1)
+        per_key = pair_scores(config, theta, q, k, head, query)  # [query + 1, pairs]
+        logits = per_key.sum(-1)
         probs = torch.softmax(logits, -1).float()
         if not torch.allclose(probs, r["att"][layer, head, query, : query + 1], atol=2e-3):
             raise SystemExit("the rotary terms do not add up to the model's attention: this bench assumes Llama's "
                              "attention (rotate_half RoPE, no query/key norm, 1/sqrt(head_dim) scaling)")
         sources = r["sources"][i]
         src = max(sources, key=lambda j: float(probs[j]))
-        per_pair = pair_scores(config, q, k, head, query, [src])[0]
+        per_pair = per_key[src]
         for name, mask in regions.items():
             terms[name] += float(per_pair[mask].sum()) / 4
         others = torch.ones(query + 1, dtype=torch.bool)
