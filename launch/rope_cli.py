@@ -267,7 +267,8 @@ def run_tune(a: argparse.Namespace) -> int:
                                     a.native_tolerance, dtype)
     t0, spent = time.perf_counter(), objective.forwards
     history = search.evolve(space, objective, a.budget // per, a.population, a.parents, a.seed,
-                            on_scored=tune_eval.log_scored)
+                            on_scored=tune_eval.log_scored,
+                            identity=lambda c: search.table_key(c, model["rotary_dim"], model["base"], L))
     settings = {"space": a.space, "method": space.method if a.space == "params" else "longrope", "factor": factor,
                 "objective": a.objective, "windows": a.windows, "report_windows": a.report_windows,
                 "native_tolerance": a.native_tolerance, "budget": a.budget, "population": a.population,

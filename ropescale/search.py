@@ -18,7 +18,8 @@ Two spaces:
 The loop (LongRoPE, Algorithm 1): a population seeded from the methods' own tables plus mutations of them; each
 generation keeps the best ``parents``, makes children by mutation (multiplicative steps on lambda, Gaussian steps on
 genes) and by crossover (each pair or gene from one of two parents), repairs every child into the constraints, scores
-only candidates not scored before, and stops when the budget of scored candidates is spent.
+only candidates whose table was not scored before (``table_key``), and stops when the budget of scored candidates is
+spent.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ropescale.apply import longrope_form
 from ropescale.methods import (
     BY_PARTS_DEFAULTS,
     NTK_AWARE_DEFAULTS,
+    ROPE_METHODS,
     YARN_DEFAULTS,
     RopeConfigError,
     mscale,
@@ -208,6 +210,15 @@ class PairSpace:
         return self.candidate(la[:cut] + lb[cut:], att, "crossover")
 
 
+def table_key(c: Candidate, dim: int, base: float, original_len: int) -> str:
+    """What a model computes under ``c``: its ``dim // 2`` inverse frequencies and its attention scale, to seven
+    significant digits. Distinct parameters can make one table (YaRN's ramp ends are floored and ceiled to whole
+    pairs, so a range of beta_fast gives the same table: on SmolLM2 at 16k, 2 of the first 6 YaRN candidates), and
+    a forward pass on a table already scored would only repeat its score."""
+    inv, scale = ROPE_METHODS[c.method].fn(dim, base, 1.0, original_len, c.factor, dict(c.params))
+    return json.dumps([float(f"{x:.7g}") for x in inv.tolist()] + [float(f"{scale:.7g}")])
+
+
 def default_candidate(method: str, factor: float) -> Candidate:
     """A method at its published parameters (its own rope type): the comparison row of a search."""
     return Candidate(method, factor, {}, "default")
@@ -227,9 +238,11 @@ def rank_key(s: Scored) -> tuple:
 
 
 def evolve(space, score: Callable[[Candidate], dict], budget: int, population: int = 8, parents: int = 4,
-           seed: int = 0, on_scored: Callable[[Scored], None] | None = None) -> list[Scored]:
+           seed: int = 0, on_scored: Callable[[Scored], None] | None = None,
+           identity: Callable[[Candidate], str] | None = None) -> list[Scored]:
     """Search ``space`` for the candidate with the lowest ``score(c)["value"]`` among feasible ones, scoring at most
-    ``budget`` distinct candidates. Returns every scored candidate in order (``generation`` 0: the seeds and their
+    ``budget`` distinct candidates: distinct by ``identity(c)`` (``table_key`` where the model's RoPE is known), else
+    by ``Candidate.key``. Returns every scored candidate in order (``generation`` 0: the seeds and their
     mutations)."""
     if budget < 1 or population < 2 or not 1 <= parents < population:
         raise RopeConfigError(f"the search needs budget >= 1, population >= 2 and 1 <= parents < population (got "
@@ -239,11 +252,14 @@ def evolve(space, score: Callable[[Candidate], dict], budget: int, population: i
     seen: dict[str, Scored] = {}
     history: list[Scored] = []
 
+    same = identity or (lambda c: c.key)
+
     def add(c: Candidate, gen: int) -> None:
-        if c.key in seen or len(history) >= budget:
+        key = same(c)
+        if key in seen or len(history) >= budget:
             return
         s = Scored(c, score(c), gen)
-        seen[c.key] = s
+        seen[key] = s
         history.append(s)
         if on_scored:
             on_scored(s)

@@ -26,7 +26,7 @@ from launch.rope_cli import main
 from models.build import scaled_config
 from models.load import load_config
 from ropescale.methods import ROPE_METHODS, RopeConfigError
-from ropescale.search import PARAM_GENES, Candidate, PairSpace, ParamSpace, Scored, evolve, rank_key
+from ropescale.search import PARAM_GENES, Candidate, PairSpace, ParamSpace, Scored, evolve, rank_key, table_key
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = json.loads((ROOT / "models/testbed/config.json").read_text())["max_position_embeddings"]
@@ -120,6 +120,23 @@ def test_the_search_keeps_its_budget_scores_each_candidate_once_and_beats_its_se
     assert best.score["feasible"] and best.score["value"] < min(h.score["value"] for h in seeds) - 0.05
     again = evolve(space, objective, budget=60, seed=1)
     assert [h.candidate.key for h in again] == [h.candidate.key for h in history]  # seeded: reproducible
+
+
+def test_a_table_is_scored_once_however_many_parameter_sets_make_it():
+    """YaRN's ramp ends are whole pairs (floored and ceiled), so nearby betas make one table; with ``identity`` the
+    search spends no forward pass on a table it has scored (SmolLM2's RoPE at 16k: head_dim 64, base 1e5, L 8,192)."""
+    def tables(identity=None) -> list[str]:
+        history = evolve(ParamSpace("yarn", 2.0), lambda c: {"value": c.params["beta_fast"], "feasible": True},
+                         budget=24, population=6, parents=3, seed=0, identity=identity)
+        return [table_key(h.candidate, 64, 1e5, 8192) for h in history]
+
+    by_params = tables()
+    assert len(set(by_params)) < len(by_params)  # parameter sets repeat tables
+    by_table = tables(lambda c: table_key(c, 64, 1e5, 8192))
+    assert len(set(by_table)) == len(by_table) == 24
+    yarn = Candidate("yarn", 2.0, {"beta_slow": 1.0, "beta_fast": 32.0, "attention_factor": 1.06931})
+    inv, scale = ROPE_METHODS["yarn"].fn(64, 1e5, 1.0, 8192, 2.0, dict(yarn.params))
+    assert json.loads(table_key(yarn, 64, 1e5, 8192)) == pytest.approx(inv.tolist() + [scale], rel=1e-6)
 
 
 def test_the_export_reloads_in_plain_transformers_with_the_same_table_and_in_a_run_config(tmp_path):
