@@ -68,7 +68,8 @@ class Candidate:
 
     @property
     def key(self) -> str:
-        """Identity for the cache of scores (rounded, so float noise does not make a new candidate)."""
+        """Identity for the cache of scores where the model's RoPE is not known (``evolve`` without ``identity``;
+        rounded, so float noise does not make a new candidate)."""
         def rnd(v):
             return [round(x, 6) for x in v] if isinstance(v, list) else (round(v, 6) if isinstance(v, float) else v)
         return json.dumps([self.method, round(self.factor, 6), {k: rnd(v) for k, v in sorted(self.params.items())}])
