@@ -73,7 +73,8 @@ def format_table(t: dict) -> str:
     s = t["spectrum"]
     lines.append(f"the model's spectrum within L (NTK-by-parts regions): {s['high_share']:.0%} of pairs turn more than "
                  f"{s['beta']:g} times (kept), {s['ramp_share']:.0%} between, {s['low_share']:.0%} less than "
-                 f"{s['alpha']:g} time (interpolated)")
+                 f"{s['alpha']:g} time (interpolated); {s['still']} of {s['pairs']} turn less than a radian across "
+                 f"it (the slowest {s['slowest_angle']:.2f})")
     return "\n".join(lines)
 
 

@@ -134,4 +134,6 @@ def test_the_committed_testbed_spectrum_is_printed_from_its_config(capsys):
     base = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
     assert got == theory.spectrum(head_dim, base, cfg["max_position_embeddings"])
     assert main(["inspect", "--model", "models/testbed", "--method", "yarn", "--factor", "4"]) == 0
-    assert f"{got['high_share']:.0%} of pairs turn more than 32 times" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{got['high_share']:.0%} of pairs turn more than 32 times" in out
+    assert f"{got['still']} of {got['pairs']} turn less than a radian across it" in out

@@ -130,23 +130,27 @@ def test_bad_input_is_one_clear_error():
         theory.base_lower_bound(128, 4096, digits=0)
 
 
-@pytest.mark.parametrize("shape,shares", [
-    (dict(head_dim=128, base=1e4, original_len=4096), (33, 39, 28)),   # Llama-2-7B
-    (dict(head_dim=128, base=1e4, original_len=8192), (41, 38, 22)),   # Mistral-7B
-    (dict(head_dim=128, base=5e5, original_len=8192), (30, 25, 45)),   # Llama-3-8B
-    (dict(head_dim=128, base=1e6, original_len=32768), (38, 25, 38)),  # Qwen3
-    (dict(head_dim=64, base=1e5, original_len=8192), (34, 28, 38)),    # SmolLM2-135M
-    (dict(head_dim=64, base=1e4, original_len=256), (3, 38, 59)),      # the committed testbed (native 256)
-    (dict(head_dim=64, base=1e3, original_len=1024), (25, 50, 25)),    # a native-1,024 testbed
-    (dict(head_dim=64, base=1e4, original_len=2048), (28, 38, 34)),
+@pytest.mark.parametrize("shape,shares,still", [
+    (dict(head_dim=128, base=1e4, original_len=4096), (33, 39, 28), 6),    # Llama-2-7B
+    (dict(head_dim=128, base=1e4, original_len=8192), (41, 38, 22), 1),    # Mistral-7B
+    (dict(head_dim=128, base=5e5, original_len=8192), (30, 25, 45), 20),   # Llama-3-8B
+    (dict(head_dim=128, base=1e6, original_len=32768), (38, 25, 38), 15),  # Qwen3
+    (dict(head_dim=64, base=1e5, original_len=8192), (34, 28, 38), 6),     # SmolLM2-135M
+    (dict(head_dim=64, base=1e4, original_len=256), (3, 38, 59), 12),      # the committed testbed (native 256)
+    (dict(head_dim=64, base=1e3, original_len=1024), (25, 50, 25), 0),     # a native-1,024 testbed
+    (dict(head_dim=64, base=1.6e3, original_len=1024), (25, 47, 28), 1),
+    (dict(head_dim=64, base=1e4, original_len=2048), (28, 38, 34), 5),
 ])
-def test_spectrum_shares_match_a_count_of_turns_per_pair(shape, shares):
-    """The share of pairs in each NTK-by-parts region (> 32 turns within L, between, < 1), against a count written
-    out here: turns of pair i within L = L base^(-2i/d) / (2 pi)."""
+def test_spectrum_shares_match_a_count_of_turns_per_pair(shape, shares, still):
+    """The share of pairs in each NTK-by-parts region (> 32 turns within L, between, < 1), and the pairs that turn less
+    than a radian across L, against a count written out here: the angle of pair i at L = L base^(-2i/d), its turns
+    that over 2 pi."""
     s = theory.spectrum(**shape)
     d, L, b = shape["head_dim"], shape["original_len"], shape["base"]
-    turns = [L * b ** (-2 * i / d) / (2 * math.pi) for i in range(d // 2)]
+    angles = [L * b ** (-2 * i / d) for i in range(d // 2)]
+    turns = [a / (2 * math.pi) for a in angles]
     assert (s["high"], s["low"]) == (sum(t > 32 for t in turns), sum(t < 1 for t in turns))
     assert s["high"] + s["ramp"] + s["low"] == s["pairs"] == d // 2
     assert tuple(round(100 * s[k]) for k in ("high_share", "ramp_share", "low_share")) == shares
+    assert s["still"] == sum(a < 1 for a in angles) == still and s["slowest_angle"] == pytest.approx(min(angles))
     assert theory.spectrum(**shape, partial_rotary_factor=0.5)["pairs"] == d // 4
