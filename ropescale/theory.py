@@ -79,10 +79,10 @@ def spectrum(head_dim: int, base: float, original_len: int, partial_rotary_facto
     defaults = ROPE_METHODS["ntk_by_parts"].defaults
     alpha, beta = defaults["alpha"], defaults["beta"]
     theta, _ = frequencies(head_dim, base, original_len, "none", 1.0, None, partial_rotary_factor)
-    turns = original_len * theta.double() / (2 * math.pi)
+    angles = original_len * theta.double()  # radians each pair turns across L
+    turns = angles / (2 * math.pi)
     n = turns.numel()
     high, low = int((turns > beta).sum()), int((turns < alpha).sum())
-    angles = original_len * theta.double()
     return {"alpha": alpha, "beta": beta, "pairs": n, "high": high, "ramp": n - high - low, "low": low,
             "high_share": high / n, "ramp_share": (n - high - low) / n, "low_share": low / n,
             "still": int((angles < 1).sum()), "slowest_angle": float(angles.min())}
