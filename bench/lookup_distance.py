@@ -2,6 +2,7 @@
 
     python bench/lookup_distance.py                                     # the committed testbed base
     python bench/lookup_distance.py --models models/testbed runs/demo/yarn_4x --fillers 0,4,16,66 --docs 40
+    python bench/lookup_distance.py --shuffle                           # filler sentences drawn at random
 
 A passkey answer is one look-up: find the key's digits earlier in the prompt and copy them. Passkey accuracy mixes
 that look-up with the prompt's cues; this isolates it. Each document is data/synthetic.py's ``copy`` document with
@@ -10,6 +11,9 @@ between the list and its repeat, ``Numbers: 47526. <filler> Again: 47526.``; the
 digits that the model's argmax predicts, given the true text before each (chance is about 10%). Digits occur nowhere
 in the filler, so a look-up by content has no distractor: a score that falls with k says the look-up leans on
 distance. Documents are seed 9 of the generator, which no committed config trains on (they use seeds 0 and 1).
+The filler is the prompt's repeated group, so every distance lies on the group's lattice, as in the passkey
+evaluation; ``--shuffle`` draws it sentence by sentence instead (off the lattice, as the shuffled builds of
+docs/testbed.md train): a look-up by position scores differently on the two, one by content the same.
 Printed as a markdown table, one row per model, with the command and the mean token length of each column's documents.
 """
 
@@ -32,11 +36,12 @@ SEED = 9  # a copy stream no config trains on
 
 
 @torch.inference_mode()
-def digit_accuracy(model, tokenizer, numbers: int, filler: int, docs: int) -> tuple[float, float]:
-    """(share of the repeat's digits predicted, mean document length in tokens) over ``docs`` documents."""
+def digit_accuracy(model, tokenizer, numbers: int, filler: int, docs: int, shuffle: int = 0) -> tuple[float, float]:
+    """(share of the repeat's digits predicted, mean document length in tokens) over ``docs`` documents; ``shuffle``
+    1 draws the filler sentence by sentence (data/synthetic.py), so the distances leave the filler group's lattice."""
     right = total = length = 0
     for i in range(docs):
-        text = copy_sample(i, numbers, SEED, min_filler=filler, max_filler=filler)
+        text = copy_sample(i, numbers, SEED, min_filler=filler, max_filler=filler, shuffle=shuffle)
         ids = tokenizer(text).input_ids
         start = len(tokenizer(text[: text.rindex("Again:") + len("Again:")]).input_ids)  # the repeat starts here
         pred = model(torch.tensor([ids])).logits[0].argmax(-1)  # [len(ids)]: pred[t] is the guess for ids[t + 1]
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--numbers", type=int, default=1, help="five-digit numbers in each list (1-12)")
     ap.add_argument("--docs", type=int, default=40, help="documents per cell")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--shuffle", action="store_true",
+                    help="filler sentences drawn at random (off the filler group's lattice), as shuffled builds train")
     args = ap.parse_args(argv)
     try:
         fillers = [int(k) for k in args.fillers.split(",")]
@@ -63,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     if any(k < 0 or k > 10_000 for k in fillers) or not 1 <= args.numbers <= 12 or not 1 <= args.docs <= 10_000:
         ap.error("--fillers must be 0-10000 groups, --numbers 1-12 and --docs 1-10000")
     print(f"`python {' '.join(sys.argv)}`: {args.docs} documents per cell, {args.numbers} number(s) per list, "
-          f"{args.dtype}, {torch.get_num_threads()} thread(s)\n")
+          f"{'filler drawn sentence by sentence, ' if args.shuffle else ''}{args.dtype}, {torch.get_num_threads()} thread(s)\n")
     lengths: list[float] = []
     rows = []
     for spec in args.models:
         t0 = time.perf_counter()
         em = load_eval_model(spec, {}, args.dtype)
-        cells = [digit_accuracy(em.model, em.tokenizer, args.numbers, k, args.docs) for k in fillers]
+        cells = [digit_accuracy(em.model, em.tokenizer, args.numbers, k, args.docs, int(args.shuffle)) for k in fillers]
         lengths = [n for _, n in cells]
         rows.append(f"| {spec} | " + " | ".join(f"{acc:.0%}" for acc, _ in cells) + " |")
         print(f"  {spec}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -373,6 +373,13 @@ def test_lookup_distance_bench_scores_the_committed_base(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| models/testbed |"))
     cells = [c.strip() for c in row.strip("|").split("|")[1:]]
     assert cells[0] == "100%" and cells[1].endswith("%") and "k=2 (~" in out
+    # --shuffle draws the filler sentence by sentence: other documents (another mean length), the same look-up at k=0
+    assert bench.main(["--models", "models/testbed", "--fillers", "0,2", "--docs", "4", "--shuffle"]) == 0
+    shuffled = capsys.readouterr().out
+    assert "filler drawn sentence by sentence" in shuffled and "filler drawn" not in out
+    assert shuffled.split("k=2 (~")[1].split(" ")[0] != out.split("k=2 (~")[1].split(" ")[0]
+    srow = next(line for line in shuffled.splitlines() if line.startswith("| models/testbed |"))
+    assert srow.strip("|").split("|")[1].strip() == "100%"
     for bad in (["--fillers", "a,b"], ["--numbers", "0"], ["--docs", "0"], ["--fillers", "-1"]):
         with pytest.raises(SystemExit) as err:
             bench.main(bad)
