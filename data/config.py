@@ -22,8 +22,14 @@ class DataError(UserError):
 # The settings of each synthetic generator (data/synthetic.py) and their defaults; checked here, with the rest of a
 # source, when a config is loaded.
 SYNTHETIC_PARAMS = {"passkey": {"min_filler": 0, "max_filler": 5, "seed": 0, "shuffle": 0},
-                    "copy": {"max_numbers": 12, "min_filler": 0, "max_filler": 0, "seed": 0, "shuffle": 0}}
-_MAY_BE_ZERO = {"seed", "min_filler", "max_filler", "shuffle"}  # max_numbers counts numbers and must be at least 1
+                    "copy": {"max_numbers": 12, "min_filler": 0, "max_filler": 0, "seed": 0, "shuffle": 0},
+                    "repeat": {"min_words": 5, "max_words": 50, "min_filler": 0, "max_filler": 0, "seed": 0,
+                               "shuffle": 0}}
+_MAY_BE_ZERO = {"seed", "min_filler", "max_filler", "shuffle"}  # numbers and words counted must be at least 1
+# Upper bounds (a setting past them is a typo, not a document any window holds): 12 numbers, 2,000 words, 1,000
+# filler groups (about 30,000 tokens), seeds below 2^31.
+_MOST = {"max_numbers": 12, "min_words": 2000, "max_words": 2000, "min_filler": 1000, "max_filler": 1000,
+         "seed": 2**31 - 1}
 
 
 def check_synthetic_params(name: str, params: dict[str, Any]) -> None:
@@ -39,13 +45,16 @@ def check_synthetic_params(name: str, params: dict[str, Any]) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
             kind = "a non-negative" if lowest == 0 else "a positive"
             raise DataError(f"synthetic {name}: params.{key} must be {kind} integer, got {value!r}")
+        if key in _MOST and value > _MOST[key]:
+            raise DataError(f"synthetic {name}: params.{key} ({value}) is above its limit {_MOST[key]}; lower it")
     merged = {**valid, **params}
     if merged["shuffle"] > 1:
         raise DataError(f"synthetic {name}: params.shuffle must be 0 (repeated filler groups) or 1 (sentences drawn "
                         f"at random), got {merged['shuffle']}")
-    if merged["min_filler"] > merged["max_filler"]:
-        raise DataError(f"synthetic {name}: params.min_filler ({merged['min_filler']}) exceeds params.max_filler "
-                        f"({merged['max_filler']}); lower min_filler or raise max_filler")
+    for low, high in (("min_filler", "max_filler"), ("min_words", "max_words")):
+        if low in merged and merged[low] > merged[high]:
+            raise DataError(f"synthetic {name}: params.{low} ({merged[low]}) exceeds params.{high} "
+                            f"({merged[high]}); lower {low} or raise {high}")
 
 
 class SourceSpec(StrictModel):
@@ -53,7 +62,8 @@ class SourceSpec(StrictModel):
     """`bundled`: the corpus in data/corpus (split: train, heldout or all); `hub`: `datasets.load_dataset(name,
     config, split=split)` (a hub id, or a local dataset folder); `files`: local .txt (one document per file),
     .jsonl and .parquet files (one document per record), optionally .gz-compressed, given by `path`; `synthetic`:
-    `max_docs` documents made by the generator `name` (data/synthetic.py: `passkey`) with `params`."""
+    `max_docs` documents made by the generator `name` (data/synthetic.py: `passkey`, `copy`, `repeat`) with
+    `params`."""
     name: str | None = None
     """Hub dataset id (e.g. `emozilla/pg19`) or local dataset folder; `hub` only. For `synthetic`: the generator."""
     path: str | None = None
@@ -73,7 +83,8 @@ class SourceSpec(StrictModel):
     """Read at most this many documents (before filters) from the source."""
     params: dict[str, Any] = {}
     """Generator settings; `synthetic` only (passkey: `min_filler`, `max_filler`, `seed`, `shuffle`; copy:
-    `max_numbers`, `min_filler`, `max_filler`, `seed`, `shuffle`; see data/synthetic.py)."""
+    `max_numbers`, `min_filler`, `max_filler`, `seed`, `shuffle`; repeat: `min_words`, `max_words`, `min_filler`,
+    `max_filler`, `seed`, `shuffle`; see data/synthetic.py)."""
     weight: float = Field(default=1.0, gt=0)
     """How many times each of the source's documents enters one pass: 2.0 repeats every document twice, 0.5 keeps a
     seeded half of them, 1.5 all of them plus a seeded half again. Mixes sources by (document-count) weight."""

@@ -1,6 +1,6 @@
-"""Synthetic training documents that teach retrieval inside a short native window: ``passkey`` and ``copy``.
+"""Synthetic training documents that teach retrieval inside a short native window: ``passkey``, ``copy``, ``repeat``.
 
-A model only learns to retrieve a pass key if it sees retrieval during training. Two generators:
+A model only learns to retrieve a pass key if it sees retrieval during training. Three generators:
 
 - ``passkey``: the evaluation's own prompt (``data.prompts.prompt_text``: task statement, filler groups, the key line
   at some depth, more filler, the question) followed by its answer, `` NNNNN.``. The wording lives in
@@ -17,7 +17,14 @@ A model only learns to retrieve a pass key if it sees retrieval during training.
   list and its repeat, drawn uniformly: every digit of the repeat is then a look-up across the filler, five per
   number where a passkey document has one answer.
 
-Both take ``shuffle`` (0 or 1, default 0): with 1 the filler groups are as many of the group's sentences drawn at
+- ``repeat``: ``Words: w1 ... wn. Again: w1 ... wn.`` with ``min_words``-``max_words`` words drawn at random from the
+  bundled train split's vocabulary (``corpus_words``), and optionally filler between, as ``copy`` has. The repeated
+  random sequence is the classic signal for an induction head (Olsson et al. 2022, "In-context learning and
+  induction heads"): each word of the repeat follows its predecessor only in the list, at a distance that changes
+  from document to document, so neither the words nor their positions predict it, only a look-up by content does;
+  a list of n words gives n such look-ups (a ``copy`` number gives five, all among ten digit tokens).
+
+All three take ``shuffle`` (0 or 1, default 0): with 1 the filler groups are as many of the group's sentences drawn at
 random (``data.prompts.filler_text``), so that the distances across the filler do not fall on a lattice of the group's
 length: a model trained only on repeated groups can find the key by position (a rotary pair that turns about once per
 group) instead of by content, and then loses it where that pair's phase drifts (docs/testbed.md, runs 8-9).
@@ -38,9 +45,13 @@ pure function of (generator, index, params): the same settings give the same doc
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
+from functools import lru_cache
 from typing import Any
 
 from data.config import SYNTHETIC_PARAMS, check_synthetic_params
+from data.corpus import load_corpus, manifest
 from data.prompts import filler_text, prompt_text, wording
 from utils.files import json_digest
 
@@ -77,6 +88,26 @@ def copy_sample(index: int, max_numbers: int, seed: int = 0, min_filler: int = 0
     return f"Numbers: {numbers}.{' ' + filler if filler else ''} Again: {numbers}."
 
 
+@lru_cache(maxsize=1)
+def corpus_words() -> tuple[str, ...]:
+    """The ``repeat`` documents' vocabulary: every lowercase word of 2+ letters that occurs at least 50 times in the
+    bundled train split, sorted (2,155 words, 1.4 testbed tokens each on average: most are one token, so the look-up
+    matches whole words; a pure function of the corpus, which its sha256s pin)."""
+    counts = Counter(w for doc in load_corpus("train") for w in re.findall(r"[a-z]+", doc.text.lower()))
+    return tuple(sorted(w for w, n in counts.items() if n >= 50 and len(w) >= 2))
+
+
+def repeat_sample(index: int, min_words: int, max_words: int, seed: int = 0, min_filler: int = 0,
+                  max_filler: int = 0, shuffle: int = 0) -> str:
+    """Document ``index`` of the ``repeat`` stream: ``min_words``-``max_words`` words drawn from ``corpus_words``,
+    then ``min_filler``-``max_filler`` filler groups (drawn sentences with ``shuffle``), then the same words again."""
+    rng = random.Random(f"synthetic-repeat/{seed}/{index}")
+    vocab = corpus_words()
+    words = " ".join(rng.choice(vocab) for _ in range(rng.randint(min_words, max_words)))
+    filler = filler_text(rng.randint(min_filler, max_filler), rng if shuffle else None)
+    return f"Words: {words}.{' ' + filler if filler else ''} Again: {words}."
+
+
 def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
     """``n_docs`` documents of generator ``name`` with ``params`` (see module docstring)."""
     check_synthetic_params(name, params)
@@ -84,10 +115,15 @@ def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
     if name == "copy":
         return [copy_sample(i, p["max_numbers"], p["seed"], p["min_filler"], p["max_filler"], p["shuffle"])
                 for i in range(n_docs)]
+    if name == "repeat":
+        return [repeat_sample(i, p["min_words"], p["max_words"], p["seed"], p["min_filler"], p["max_filler"],
+                              p["shuffle"]) for i in range(n_docs)]
     return [passkey_sample(i, p["max_filler"], p["seed"], p["min_filler"], p["shuffle"])[0] for i in range(n_docs)]
 
 
 def fingerprint(name: str) -> str:
-    """What the packed-set cache must know beyond the source's settings: the generator's version and the prompt
-    wording it copies from data/prompts.py (a changed wording must not reuse old rows)."""
-    return json_digest([GENERATOR_VERSION, name, *wording()])
+    """What the packed-set cache must know beyond the source's settings: the generator's version, the prompt
+    wording it copies from data/prompts.py (a changed wording must not reuse old rows) and, for ``repeat``, the
+    train split's sha256s (its vocabulary)."""
+    corpus = [e["sha256"] for e in manifest() if e["split"] == "train"] if name == "repeat" else []
+    return json_digest([GENERATOR_VERSION, name, *wording(), *corpus])

@@ -23,7 +23,8 @@ from data.corpus import load_corpus
 from data.pack import build_packed
 from data.sources import read_source, source_fingerprint
 from data.prompts import prompt_text
-from data.synthetic import copy_sample, fingerprint, generate, passkey_document, passkey_sample
+from data.synthetic import (copy_sample, corpus_words, fingerprint, generate, passkey_document, passkey_sample,
+                            repeat_sample)
 from data.tokenizer_train import DIGITS, build_tokenizer, train_bpe
 from launch import testbed
 from launch import demo
@@ -122,6 +123,28 @@ def test_copy_documents_with_filler_put_the_list_and_its_repeat_apart():
     assert copy_sample(3, 2, min_filler=0, max_filler=0) == copy_sample(3, 2)
 
 
+def test_repeat_documents_repeat_random_corpus_words_across_the_filler():
+    vocab = set(corpus_words())
+    # the train split's words seen 50+ times: Persuasion (held out) adds none of its own, such as its hero's name
+    assert 2000 < len(vocab) < 2500 and {"the", "elizabeth", "israel"} <= vocab and "wentworth" not in vocab
+    pattern = re.compile(r"Words: ([a-z ]+)\.((?: " + re.escape(prompts.FILLER) + r")*) Again: ([a-z ]+)\.")
+    counts, fillers, firsts = set(), set(), set()
+    for i in range(200):
+        m = pattern.fullmatch(repeat_sample(i, 3, 9, seed=2, min_filler=1, max_filler=3))
+        assert m and m.group(1) == m.group(3) and set(m.group(1).split()) <= vocab
+        counts.add(len(m.group(1).split()))
+        fillers.add(m.group(2).count(prompts.FILLER))
+        firsts.add(m.group(1).split()[0])
+    assert counts == set(range(3, 10)) and fillers == {1, 2, 3} and len(firsts) > 150  # lists differ, bounds hold
+    assert repeat_sample(5, 3, 9, seed=2) != repeat_sample(5, 3, 9, seed=3)
+    assert generate("repeat", 6, {"min_words": 3, "max_words": 9, "seed": 2, "max_filler": 2, "shuffle": 1}) == \
+        [repeat_sample(i, 3, 9, 2, 0, 2, 1) for i in range(6)]
+    # every word of the repeat is a look-up: the list is a single-token word most of the time
+    tok = load_tokenizer(str(testbed.COMMITTED_DIR))
+    words = repeat_sample(0, 40, 40).split(" Again: ")[1].removesuffix(".").split()
+    assert len(tok(" " + " ".join(words)).input_ids) < 2 * len(words)
+
+
 def test_shuffled_filler_draws_the_groups_sentences_and_spreads_distances():
     tok = load_tokenizer(str(testbed.COMMITTED_DIR))
     for i in range(30):
@@ -149,7 +172,7 @@ def test_shuffled_filler_draws_the_groups_sentences_and_spreads_distances():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"kind": "synthetic", "name": "passkey"}, "needs `name` (one of: passkey, copy) and `max_docs`"),
+    ({"kind": "synthetic", "name": "passkey"}, "needs `name` (one of: passkey, copy, repeat) and `max_docs`"),
     ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"shuffle": 2}},
      "params.shuffle must be 0 (repeated filler groups) or 1 (sentences drawn at random), got 2"),
     ({"kind": "synthetic", "name": "password", "max_docs": 5}, "unknown synthetic generator 'password'"),
@@ -163,6 +186,15 @@ def test_shuffled_filler_draws_the_groups_sentences_and_spreads_distances():
      "exceeds params.max_filler (5)"),
     ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"min_filler": 3}},
      "synthetic copy: params.min_filler (3) exceeds params.max_filler (0)"),
+    ({"kind": "synthetic", "name": "repeat", "max_docs": 5, "params": {"min_words": 60}},
+     "synthetic repeat: params.min_words (60) exceeds params.max_words (50); lower min_words or raise max_words"),
+    ({"kind": "synthetic", "name": "repeat", "max_docs": 5, "params": {"min_words": 0}}, "positive integer"),
+    ({"kind": "synthetic", "name": "repeat", "max_docs": 5, "params": {"max_words": 10**6}},
+     "params.max_words (1000000) is above its limit 2000; lower it"),
+    ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"max_numbers": 13}}, "above its limit 12"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"max_filler": 10**9}}, "above its limit 1000"),
+    ({"kind": "synthetic", "name": "passkey", "max_docs": 5, "params": {"seed": 2**40}}, "above its limit"),
+    ({"kind": "synthetic", "name": "copy", "max_docs": 5, "params": {"min_words": 3}}, "unknown params min_words"),
     ({"kind": "bundled", "params": {"seed": 1}}, "`params` is for synthetic sources only"),
 ])
 def test_bad_synthetic_sources_fail_with_one_line(fields, message):
@@ -185,6 +217,7 @@ def test_the_cache_key_follows_the_prompt_wording(monkeypatch):
     spec = SourceSpec(kind="synthetic", name="passkey", max_docs=1)
     before = source_fingerprint(spec)
     assert before == [fingerprint("passkey")] and before != [fingerprint("copy")]
+    assert len({fingerprint(name) for name in ("passkey", "copy", "repeat")}) == 3
     monkeypatch.setattr(prompts, "FILLER", "The grass is blue.")
     assert source_fingerprint(spec) != before
 
