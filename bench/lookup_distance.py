@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(k < 0 or k > 10_000 for k in fillers) or not 1 <= args.numbers <= 12 or not 1 <= args.docs <= 10_000:
         ap.error("--fillers must be 0-10000 groups, --numbers 1-12 and --docs 1-10000")
     print(f"`python {' '.join(sys.argv)}`: {args.docs} documents per cell, {args.numbers} number(s) per list, "
-          f"{'filler drawn sentence by sentence, ' if args.shuffle else ''}{args.dtype}, {torch.get_num_threads()} thread(s)\n")
+          f"{'filler drawn sentence by sentence, ' if args.shuffle else ''}{args.dtype}, "
+          f"{torch.get_num_threads()} thread(s)\n")
     lengths: list[float] = []
     rows = []
     for spec in args.models:

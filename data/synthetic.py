@@ -83,9 +83,17 @@ def copy_sample(index: int, max_numbers: int, seed: int = 0, min_filler: int = 0
     train the look-up (an induction head) with a dense signal; the passkey answer is that look-up."""
     rng = random.Random(f"synthetic-copy/{seed}/{index}")
     numbers = " ".join(str(rng.randint(10000, 99999)) for _ in range(rng.randint(1, max_numbers)))
-    # drawn after the numbers, so that the numbers (and, without filler, the documents) are the stream's as before
+    # the filler is drawn after the numbers, so that the numbers (and, without filler, the documents) are the
+    # stream's as before
+    return list_and_repeat("Numbers", numbers, rng, min_filler, max_filler, shuffle)
+
+
+def list_and_repeat(label: str, items: str, rng: random.Random, min_filler: int, max_filler: int,
+                    shuffle: int) -> str:
+    """``<label>: <items>. [filler] Again: <items>.``, the layout of ``copy`` and ``repeat``: ``min_filler``-
+    ``max_filler`` filler groups drawn from ``rng`` (their sentences too, with ``shuffle``)."""
     filler = filler_text(rng.randint(min_filler, max_filler), rng if shuffle else None)
-    return f"Numbers: {numbers}.{' ' + filler if filler else ''} Again: {numbers}."
+    return f"{label}: {items}.{' ' + filler if filler else ''} Again: {items}."
 
 
 @lru_cache(maxsize=1)
@@ -104,8 +112,7 @@ def repeat_sample(index: int, min_words: int, max_words: int, seed: int = 0, min
     rng = random.Random(f"synthetic-repeat/{seed}/{index}")
     vocab = corpus_words()
     words = " ".join(rng.choice(vocab) for _ in range(rng.randint(min_words, max_words)))
-    filler = filler_text(rng.randint(min_filler, max_filler), rng if shuffle else None)
-    return f"Words: {words}.{' ' + filler if filler else ''} Again: {words}."
+    return list_and_repeat("Words", words, rng, min_filler, max_filler, shuffle)
 
 
 def generate(name: str, n_docs: int, params: dict[str, Any]) -> list[str]:
