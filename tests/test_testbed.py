@@ -413,7 +413,15 @@ def test_lookup_distance_bench_scores_the_committed_base(capsys):
     assert shuffled.split("k=2 (~")[1].split(" ")[0] != out.split("k=2 (~")[1].split(" ")[0]
     srow = next(line for line in shuffled.splitlines() if line.startswith("| models/testbed |"))
     assert srow.strip("|").split("|")[1].strip() == "100%"
-    for bad in (["--fillers", "a,b"], ["--numbers", "0"], ["--docs", "0"], ["--fillers", "-1"]):
+    # --words: repeated word lists (a look-up by content), their tokens scored where --numbers' digits were
+    assert bench.main(["--models", "models/testbed", "--fillers", "0,2", "--docs", "2", "--words", "8"]) == 0
+    words = capsys.readouterr().out
+    assert "8 words per list" in words and "number(s)" not in words
+    wcells = next(line for line in words.splitlines() if line.startswith("| models/testbed |")).strip("|").split("|")
+    assert len(wcells) == 3 and all(c.strip().endswith("%") for c in wcells[1:])
+    assert words.split("k=0 (~")[1].split(" ")[0] != out.split("k=0 (~")[1].split(" ")[0]  # other documents
+    for bad in (["--fillers", "a,b"], ["--numbers", "0"], ["--docs", "0"], ["--fillers", "-1"], ["--words", "-1"],
+                ["--words", "2001"]):
         with pytest.raises(SystemExit) as err:
             bench.main(bad)
         assert err.value.code == 2
