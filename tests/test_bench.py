@@ -132,3 +132,38 @@ def test_shared_prefix_bench_reuses_and_agrees(tmp_path):
     # prompt); 0.25 and 0.5 would reuse under a third and prefill in full: (1 + 1 + 1 + 0.5 + 0.25) / 5
     assert 0.7 < r["shared"]["prefilled_share"] < 0.85  # at 768 tokens the instruction and question count too
     assert "answers the same" in proc.stdout.splitlines()[-1]
+
+
+def test_bf16_rounding_rounds_linears_both_ways_and_trains(tmp_path):
+    """bench/bf16_rounding.py: a linear's output and its input and weight gradients are bf16 values kept in fp32; and
+    train.py run through it on the same two batches gives losses within bf16's rounding of plain fp32 train.py's, but
+    not equal to them (the rounding reaches the real training path)."""
+    import torch
+    import torch.nn.functional as F
+
+    import bench.bf16_rounding as rounding
+
+    saved = F.linear, F.scaled_dot_product_attention
+    try:
+        rounding.patch()
+        x = torch.randn(64, 32, requires_grad=True)
+        layer = torch.nn.Linear(32, 16)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        for t in (y.detach(), x.grad, layer.weight.grad):
+            assert torch.equal(t, t.bfloat16().float())
+        assert not torch.equal(y.detach(), saved[0](x, layer.weight, layer.bias).detach())  # it did round
+    finally:
+        F.linear, F.scaled_dot_product_attention = saved
+    sets = ["train.max_steps=2", "train.precision=fp32", "wandb.enabled=false", "eval=null"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    losses = {}
+    for name, script in (("fp32", "train.py"), ("bf16", "bench/bf16_rounding.py")):
+        run = subprocess.run([sys.executable, script, "--config", "configs/cpu_tiny.yaml", "--set",
+                              f"output.dir={tmp_path / name}", *(a for s in sets for a in ("--set", s))],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        losses[name] = [json.loads(line)["loss"]
+                        for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["bf16"]) == 2 and losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)
