@@ -5,11 +5,15 @@
 Run 7 of docs/testbed.md (bf16 autocast on a Xeon with AMX) is the one testbed build whose look-up reached across
 its window; its fp32 rebuild (run 8, same recipe, data and seed) did not. Whether precision or chance decided it
 cannot be tested with real bf16 matmuls on a CPU without bf16 units (about 70x slower than fp32 there), so this runs
-train.py unchanged, in fp32, with the inputs and outputs of every linear layer and of attention rounded to bf16 in
-the forward and their gradients rounded to bf16 in the backward: the values bf16 autocast computes with, accumulated
-in fp32 as oneDNN's and AMX's bf16 kernels do. Everything else (norms, softmax inside attention, the loss, the
-optimizer's fp32 weights and moments) stays fp32, as under autocast. It costs about twice fp32's time (the rounding
-passes), not seventy times. Every argument goes to train.py as is; the run is an ordinary run folder.
+train.py unchanged, in fp32 (``train.precision`` is forced to fp32), with the inputs and outputs of every linear layer
+and of attention rounded to bf16 in the forward and their gradients rounded to bf16 in the backward: the values bf16
+autocast multiplies, accumulated in fp32 as oneDNN's and AMX's bf16 kernels do. Not emulated: the rounding inside
+attention (torch's CPU flash kernel in bf16 rounds the softmax weights, and in the backward their gradients, to bf16
+before the products with V), and the bf16 elementwise ops between linears (SiLU and the gate product of the MLP,
+the sum of q's and k's rotary gradients); norms, the loss and the optimizer's weights and moments are fp32 under
+autocast too. It covers the Llama sdpa path of the testbed (eager attention's matmuls are not routed) and refuses
+ZeRO-3, whose memory-efficient linear replaces torch's linear with its own. It cost about twice fp32's time on the
+testbed (docs/testbed.md, run 19), not seventy times. Every other argument goes to train.py as is.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def patch() -> None:
         return rounded(linear(rounded(x), rounded(weight), rounded(bias)))
 
     def bf16_sdpa(query, key, value, *args, **kwargs):
+        if F.linear is not bf16_linear:  # ZeRO-3 swaps in its own linear (deepspeed.zero.Init): no rounding there
+            raise RuntimeError("bench/bf16_rounding.py: torch's linear was replaced after the patch (ZeRO-3?); "
+                               "use a ZeRO stage 0-2 DeepSpeed config")
         return rounded(sdpa(rounded(query), rounded(key), rounded(value), *args, **kwargs))
 
     F.linear, F.scaled_dot_product_attention = bf16_linear, bf16_sdpa
@@ -59,4 +66,5 @@ if __name__ == "__main__":
     patch()
     sys.path.insert(0, str(ROOT))
     sys.argv[0] = str(ROOT / "train.py")
+    sys.argv += ["--set", "train.precision=fp32"]  # the rounding stands in for autocast; never both
     runpy.run_path(sys.argv[0], run_name="__main__")

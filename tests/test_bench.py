@@ -135,7 +135,8 @@ def test_shared_prefix_bench_reuses_and_agrees(tmp_path):
 
 
 def test_bf16_rounding_rounds_linears_both_ways_and_trains(tmp_path):
-    """bench/bf16_rounding.py: a linear's output and its input and weight gradients are bf16 values kept in fp32; and
+    """bench/bf16_rounding.py: a linear's and attention's outputs and input gradients are bf16 values kept in fp32, and
+    a linear replaced after the patch (ZeRO-3) stops the run; and
     train.py run through it on the same two batches gives losses within bf16's rounding of plain fp32 train.py's, but
     not equal to them (the rounding reaches the real training path)."""
     import torch
@@ -153,6 +154,14 @@ def test_bf16_rounding_rounds_linears_both_ways_and_trains(tmp_path):
         for t in (y.detach(), x.grad, layer.weight.grad):
             assert torch.equal(t, t.bfloat16().float())
         assert not torch.equal(y.detach(), saved[0](x, layer.weight, layer.bias).detach())  # it did round
+        q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.pow(2).sum().backward()
+        for t in (out.detach(), q.grad, k.grad, v.grad):
+            assert torch.equal(t, t.bfloat16().float())
+        F.linear = saved[0]  # what ZeRO-3's Init does: attention then refuses to run unrounded linears
+        with pytest.raises(RuntimeError, match="ZeRO"):
+            F.scaled_dot_product_attention(q, k, v)
     finally:
         F.linear, F.scaled_dot_product_attention = saved
     sets = ["train.max_steps=2", "train.precision=fp32", "wandb.enabled=false", "eval=null"]
