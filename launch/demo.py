@@ -2,8 +2,8 @@
 
     python -m launch.demo [--plan auto|full|small] [--parallel 2]
 
-1. the committed testbed base (``models/testbed``: a small Llama pretrained at a native 256 tokens that retrieves a
-   pass key at its native length; ``make testbed`` rebuilds it, docs/testbed.md), checked against its manifest; its
+1. the committed testbed base (``models/testbed``: a small Llama pretrained at a native 1,024 tokens that retrieves
+   a pass key at its native length; ``make testbed`` rebuilds it, docs/testbed.md), checked against its manifest; its
    native length is read from its config.json;
 2. LoRA fine-tuning at s=4 for each of PI, NTK-aware, NTK-by-parts and YaRN: ``OMP_NUM_THREADS=1 deepspeed
    --num_gpus 2 train.py --config configs/testbed/<method>_4x.yaml`` into ``runs/demo/<method>_4x`` (replaced on
@@ -16,9 +16,9 @@
    (``runs/demo/compare/``).
 
 ``--plan``: ``full`` evaluates each metric with the configs' ``eval:`` settings; ``small`` uses fewer passkey
-prompts and the first quarter of the held-out book, so that a CPU without bf16 units (fp32, 2-3x slower) stays
-within about 25 minutes; ``auto`` (default) picks ``full`` where the CPU has bf16 units and ``small`` elsewhere, and
-says so.
+prompts at 8x (the config's 20 per length up to 4x) and half the configs' stretch of the held-out book, so that a CPU
+without bf16 units (fp32, 2-3x slower) stays within about 25 minutes; ``auto`` (default) picks ``full`` where the
+CPU has bf16 units and ``small`` elsewhere, and says so.
 Every command is printed before it runs, with the time since the start.
 """
 
@@ -51,8 +51,9 @@ DEMO_DIR = Path("runs/demo")
 # The demo's evaluation tasks (eval/registry.py) with the short name of their jobs, from the configs' eval: sections.
 TASKS = {"perplexity": "ppl", "passkey": "passkey"}
 # The small plan (CPUs without bf16 units, where fp32 runs everything 2-3x slower): passkey at 3 depths x 2 trials
-# per length instead of the config's, perplexity on the held-out book's first 32,768 tokens instead of all 135,786.
-SMALL = {"perplexity": {"max_tokens": 32768}, "passkey": {"depths": [0.0, 0.5, 1.0], "trials": 2}}
+# beyond FACTOR x the native length (the config's 20 prompts up to it), perplexity on the held-out book's first
+# 16,384 tokens instead of the config's 32,768.
+SMALL = {"perplexity": {"max_tokens": 16384}, "passkey": {"depths": [0.0, 0.5, 1.0], "trials": 2}}
 log = Log("demo")
 
 
@@ -73,6 +74,12 @@ def run_logged(name: str, cmd: list[str]) -> None:
             echo(line)
     if proc.wait() != 0:
         raise TestbedError(f"{name} failed (exit status {proc.returncode}): {' '.join(cmd)}")
+
+
+def run_all(name: str, cmds: list[list[str]]) -> None:
+    """``run_logged`` for each command in turn (one job's commands share its result folder)."""
+    for cmd in cmds:
+        run_logged(name, cmd)
 
 
 def eval_dtype() -> str:
@@ -121,19 +128,32 @@ def native_length(base: Path) -> int:
                            "`git checkout -- models/testbed`") from None
 
 
-def eval_jobs(models: list[tuple[str, list[str]]], e: EvalSection, out: Path, dtype: str = "float32",
-              plan: str = "full") -> list[tuple[str, list[str]]]:
-    """(name, command) of every evaluation: each task of ``TASKS`` with the config's settings (changed by ``SMALL``
-    on the small plan) for each (name, model arguments), the first task's jobs first (the long ones, so that the
-    workers finish together)."""
+def eval_jobs(models: list[tuple[str, list[str]]], e: EvalSection, out: Path, native: int, dtype: str = "float32",
+              plan: str = "full") -> list[tuple[str, list[list[str]]]]:
+    """(name, commands run one after the other) of every evaluation: each task of ``TASKS`` with the config's
+    settings for each (name, model arguments), the first task's jobs first (the long ones, so that the workers finish
+    together). On the small plan perplexity reads the first ``SMALL`` tokens of the book, and passkey keeps the
+    config's prompts up to ``FACTOR`` x ``native`` (the lengths the demo's reading is about) and asks ``SMALL``'s
+    fewer beyond, appended to the same result (``eval.passkey --append``)."""
     jobs = []
     for task_name, short in TASKS.items():
         task, settings = EVAL_TASKS[task_name], getattr(e, task_name)
-        if plan == "small":
-            settings = task.settings.model_validate({**settings.model_dump(), **SMALL[task_name]})
-        jobs += [(f"{short} {name}", [sys.executable, "-m", task.module, *m, "--out", str(model_out(out, i, name)),
-                                      "--threads", "1", "--dtype", dtype, *settings_argv(settings)])
-                 for i, (name, m) in enumerate(models)]
+        parts = [settings]
+        if plan == "small" and task_name == "passkey":
+            limit = FACTOR * native
+            near = [n for n in settings.lengths if n <= limit]
+            far = [n for n in settings.lengths if n > limit]
+            parts = [settings.model_copy(update={"lengths": near})] if near else []
+            if far:
+                parts.append(task.settings.model_validate({**settings.model_dump(), **SMALL[task_name],
+                                                           "lengths": far}))
+        elif plan == "small":
+            parts = [task.settings.model_validate({**settings.model_dump(), **SMALL[task_name]})]
+        for i, (name, m) in enumerate(models):
+            cmds = [[sys.executable, "-m", task.module, *m, "--out", str(model_out(out, i, name)), "--threads", "1",
+                     "--dtype", dtype, *settings_argv(part)] + (["--append"] if k else [])
+                    for k, part in enumerate(parts)]
+            jobs.append((f"{short} {name}", cmds))
     return jobs
 
 
@@ -208,9 +228,9 @@ def demo(parallel: int = 2, plan: str = "auto") -> Path:
         shutil.rmtree(out)
     methods = {name: cfg.rope.method for name, cfg in configs.items()}
     models = demo_models(base, runs, methods)
-    jobs = eval_jobs(models, e, out, dtype, plan)
+    jobs = eval_jobs(models, e, out, native, dtype, plan)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for future in [pool.submit(run_logged, name, cmd) for name, cmd in jobs]:
+        for future in [pool.submit(run_all, name, cmds) for name, cmds in jobs]:
             future.result()
     log("step 4/4: comparison")
     where = DEMO_DIR / "compare"
@@ -231,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--parallel", type=int, default=2, help="evaluation processes at a time (one thread each)")
     ap.add_argument("--plan", choices=("auto", "full", "small"), default="auto",
-                    help="full: the configs' eval settings; small: fewer passkey prompts and a quarter of the book "
-                         "(CPUs without bf16 units); auto: full with bf16 units, else small")
+                    help="full: the configs' eval settings; small: fewer passkey prompts at 8x and half the "
+                         "book's stretch (CPUs without bf16 units); auto: full with bf16 units, else small")
     args = ap.parse_args(argv)
     return run_cli(lambda _: demo(max(1, args.parallel), args.plan))
 

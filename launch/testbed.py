@@ -2,7 +2,7 @@
 
     python -m launch.testbed [--nproc 2] [--force] [--install] [--set train.max_steps=100 ...]
 
-The testbed is a small Llama pretrained from scratch at a native context of 256 tokens (configs/testbed/base.yaml),
+The testbed is a small Llama pretrained from scratch at a native context of 1,024 tokens (configs/testbed/base.yaml),
 so that the whole context-extension experiment (extend 4x-8x, fine-tune, evaluate, compare) runs on a CPU in minutes.
 The base the demo and the extension configs use is the committed one, ``models/testbed`` (safetensors, tokenizer,
 config and ``manifest.json``: the recipe, the build command and the sha256 of every file); this module rebuilds it

@@ -108,7 +108,7 @@ def test_linked_grid_keys_change_together_and_training_free_keeps_their_rope_key
     runs = plan_sweep(sc, [f"output.dir={tmp_path}"]).runs
     assert [r.name for r in runs][:2] == ["method-linear_factor-4", "method-linear_factor-8"] and len(runs) == 8
     assert {(r.cfg.rope.factor, r.cfg.data.seq_len, r.cfg.train.micro_batch_size) for r in runs} == {
-        (4.0, 1024, 2), (8.0, 2048, 1)}
+        (4.0, 4096, 1), (8.0, 8192, 1)}
     free = plan_sweep(sc, [f"output.dir={tmp_path}"], training_free=True).runs
     assert [r.name for r in free] == [r.name for r in runs]
     assert all(not any(s.startswith(("data.seq_len=", "train.micro")) for s in r.sets) for r in free)

@@ -255,7 +255,7 @@ def test_demo_evaluates_nine_models_for_each_metric():
     assert sorted(methods.values()) == ["linear", "ntk_aware", "ntk_by_parts", "yarn"]  # the mission's four
     runs = {name: Path(f"runs/demo/{name}_4x") for name in demo.METHODS}
     models = demo.demo_models(Path("models/testbed"), runs, methods)
-    jobs = dict(demo.eval_jobs(models, cfg.eval, Path("runs/demo/eval")))
+    jobs = {name: cmds[0] for name, cmds in demo.eval_jobs(models, cfg.eval, Path("runs/demo/eval"), NATIVE)}
     names = ["base"] + [f"{m} x4" for m in methods.values()] + [f"{m} x4 fine-tuned" for m in methods.values()]
     assert sorted(jobs) == sorted(f"{k} {m}" for k in ("ppl", "passkey") for m in names)
     assert jobs["ppl linear x4"][jobs["ppl linear x4"].index("--rope") + 1:][:3] == ["linear", "--factor", "4"]
@@ -265,13 +265,25 @@ def test_demo_evaluates_nine_models_for_each_metric():
     every = ",".join(str(NATIVE * k) for k in (1, 2, 4, 8))
     for cmd in jobs.values():
         assert cmd[cmd.index("--lengths") + 1] == every
-    full, small = jobs["passkey base"], dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["passkey base"]
-    def depths(cmd: list[str]) -> list[float]:
-        return [float(d) for d in cmd[cmd.index("--depths") + 1].split(",")]
 
-    assert depths(full) == [0, 0.25, 0.5, 0.75, 1] and depths(small) == [0, 0.5, 1]
-    ppl_small = dict(demo.eval_jobs(models, cfg.eval, Path("e"), plan="small"))["ppl base"]
-    assert "--max-tokens" not in jobs["ppl base"] and ppl_small[ppl_small.index("--max-tokens") + 1] == "32768"
+    def arg(cmd: list[str], flag: str, default: str | None = None) -> str:
+        return cmd[cmd.index(flag) + 1] if flag in cmd or default is None else default  # a default is left out
+
+    def depths(cmd: list[str]) -> list[float]:
+        return [float(d) for d in arg(cmd, "--depths").split(",")]
+
+    # the small plan: the config's prompts up to 4x (>= 20 per length: a cell means +-10 points), fewer at 8x,
+    # appended to the same result folder; perplexity on half the config's stretch of the book
+    small = dict(demo.eval_jobs(models, cfg.eval, Path("e"), NATIVE, plan="small"))
+    near, far = small["passkey base"]
+    assert arg(near, "--lengths") == ",".join(str(NATIVE * k) for k in (1, 2, 4)) and "--append" not in near
+    assert arg(far, "--lengths") == str(NATIVE * 8) and far[-1] == "--append"
+    assert arg(far, "--out") == arg(near, "--out")
+    assert depths(near) == depths(jobs["passkey base"]) == [0, 0.25, 0.5, 0.75, 1]
+    assert len(depths(near)) * int(arg(near, "--trials", "2")) >= 20
+    assert depths(far) == [0, 0.5, 1] and arg(far, "--trials", "2") == "2"
+    (ppl_small,) = small["ppl base"]
+    assert arg(jobs["ppl base"], "--max-tokens") == "32768" and arg(ppl_small, "--max-tokens") == "16384"
 
 
 def test_demo_reads_the_native_length_from_the_base_and_refuses_a_config_without_it(tmp_path):
