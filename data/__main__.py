@@ -19,7 +19,7 @@ from utils.schema import validate
 def pack(args: argparse.Namespace) -> int:
     cfg = validate(DataConfig, dict(
         sources=[parse_source(s) for s in args.source or ["bundled:train"]], seq_len=args.seq_len, mode=args.mode,
-        block_cross_doc=args.block_cross_doc, pose_target_len=args.pose_target_len, pose_chunks=args.pose_chunks,
+        block_cross_doc=args.block_cross_doc, whole_docs=args.whole_docs, pose_target_len=args.pose_target_len, pose_chunks=args.pose_chunks,
         min_doc_tokens=args.min_doc_tokens, passes=args.passes, add_bos=args.add_bos, seed=args.seed,
         cache_dir=args.cache_dir, num_proc=args.num_proc), DataError, "data setting")
     ds = build_packed(cfg, load_tokenizer(args.model))
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--mode", choices=["concat", "reset", "pose"], default="concat")
     p.add_argument("--block-cross-doc", action="store_true", help="reset mode: block attention across documents")
+    p.add_argument("--whole-docs", action="store_true", help="reset mode: never cut a document that fits in a row "
+                   "(first-fit packing, padded gaps)")
     p.add_argument("--pose-target-len", type=int)
     p.add_argument("--pose-chunks", type=int, default=2)
     p.add_argument("--source", action="append", help="kind[:value][,key=value...]; repeatable (default "

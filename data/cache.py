@@ -59,6 +59,8 @@ def rows_key(cfg: DataConfig, tokens: str, specials: tuple[int | None, int]) -> 
         "passes": cfg.passes,
         "seed": cfg.seed,
     }
+    if cfg.whole_docs:  # only when set, so that the keys of existing sets stay valid
+        parts["whole_docs"] = True
     return f"{cfg.mode}-{cfg.seq_len}-{json_digest(parts)[:16]}"
 
 

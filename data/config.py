@@ -123,6 +123,13 @@ class DataConfig(StrictModel):
     block_cross_doc: bool = False
     """`reset` only: also block attention between documents of a row (varlen attention; on CPU transformers'
     packed mask, see `data.loader.forward_kwargs`). Changes how the model is called, not the rows."""
+    whole_docs: bool = False
+    """`reset` only: a document of at most seq_len tokens is never cut across two rows. Each goes into the first of
+    the open rows it fits in (first fit in stream order; up to 64 rows open, the oldest then padded and closed), so
+    short documents fill the gaps long ones leave; longer documents are cut into full rows and a rest placed the same
+    way; the padding (EOS tokens, no loss, a document of its own) is counted in the stats. Without it about
+    length/seq_len of the documents straddle a row boundary, and a pass-key document cut there has its key in one row
+    and its question in the next: nothing to retrieve from (docs/data.md)."""
     pose_target_len: int | None = Field(default=None, gt=1)
     """`pose` only: the target context L_t; every position id is below it."""
     pose_chunks: int = Field(default=2, ge=2)
@@ -151,6 +158,9 @@ class DataConfig(StrictModel):
     def _modes(self):
         if not self.sources:
             raise ValueError("data.sources is empty; give at least one source")
+        if self.whole_docs and self.mode != "reset":
+            raise ValueError(f"whole_docs needs mode: reset (mode is {self.mode}; only there does a row hold whole "
+                             "documents that start at position 0)")
         if self.block_cross_doc and self.mode != "reset":
             raise ValueError(f"block_cross_doc needs mode: reset (mode is {self.mode}; positions must restart at "
                              "each document for the boundary to be seen)")

@@ -14,6 +14,9 @@ or ``models.loss`` shifts them):
   previous row continues without its beginning); the label of each document's first token after the row start is
   -100, so no loss term predicts document B from document A. With ``block_cross_doc`` attention is also confined to
   each document (``data.loader.forward_kwargs``).
+- ``whole_docs`` (with ``reset``): documents are fitted into rows whole (first fit, ``fit_documents``) rather than
+  cut from the stream, so a document no longer than a row keeps its beginning and its end together; the gaps are
+  padded (EOS, no loss) and counted.
 - ``pose``: PoSE (Zhu et al. 2023, arXiv 2309.10400, section 3.2): the row (L_c = seq_len tokens of contiguous
   text) is split at random points into ``pose_chunks`` chunks; chunk i keeps consecutive positions shifted by a
   skip offset u_i, with u_0 = 0 and u_i drawn uniformly from [u_{i-1}, L_t - L_c], so positions grow, stay below
@@ -198,8 +201,50 @@ def _filtered_documents(tok_dir: Path, cfg: DataConfig):
     return per_source, source_stats, int(np.sum(~keep)), int(lengths[~keep].sum())
 
 
-def _write_rows(out: Path, tokens: np.ndarray, starts: np.ndarray, cfg: DataConfig) -> int:
-    """Cut ``tokens`` into rows and write the three arrays under ``out``; returns the row count."""
+def fit_documents(tokens: np.ndarray, starts: np.ndarray, seq_len: int, pad_id: int,
+                  max_open: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lay the stream's documents (``tokens`` [N], document ``starts`` [D]) into whole rows -> (tokens [R * seq_len],
+    starts, padding mask [R * seq_len]): first fit in stream order over at most ``max_open`` open rows (the oldest is
+    padded and closed when one more is needed); a document longer than ``seq_len`` fills rows of its own and its rest
+    is fitted like a document. Every stream token appears once; each run of padding (``pad_id``) is a document."""
+    bounds = np.append(starts, len(tokens)).astype(np.int64)
+    rows: list[list[tuple[int, int]]] = []  # each row: (start, end) spans of the stream, in order
+    room: dict[int, int] = {}  # open row -> free slots
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        while b - a > seq_len:  # full rows of a long document first
+            rows.append([(a, a + seq_len)])
+            a += seq_len
+        need = b - a
+        row = next((r for r, free in room.items() if free >= need), None)
+        if row is None:
+            if len(room) == max_open:
+                del room[next(iter(room))]
+            row = len(rows)
+            rows.append([])
+            room[row] = seq_len
+        rows[row].append((a, b))
+        room[row] -= need
+        if room[row] == 0:
+            del room[row]
+    out = np.full(len(rows) * seq_len, pad_id, dtype=tokens.dtype)
+    pad = np.ones(len(rows) * seq_len, dtype=bool)
+    new_starts = []
+    for r, spans in enumerate(rows):
+        at = r * seq_len
+        for a, b in spans:
+            out[at : at + b - a] = tokens[a:b]
+            pad[at : at + b - a] = False
+            new_starts.append(at)
+            at += b - a
+        if at < (r + 1) * seq_len:
+            new_starts.append(at)  # the padding: a document of its own, seen by nothing else under block_cross_doc
+    return out, np.asarray(new_starts, dtype=np.int64), pad
+
+
+def _write_rows(out: Path, tokens: np.ndarray, starts: np.ndarray, cfg: DataConfig,
+                pad: np.ndarray | None = None) -> int:
+    """Cut ``tokens`` into rows and write the three arrays under ``out`` (labels of ``pad`` [N] tokens ignored);
+    returns the row count."""
     seq_len = cfg.seq_len
     n_rows = len(tokens) // seq_len
     is_start = np.zeros(n_rows * seq_len, dtype=bool)
@@ -213,6 +258,8 @@ def _write_rows(out: Path, tokens: np.ndarray, starts: np.ndarray, cfg: DataConf
         labels, positions = row_labels_positions(ids, is_start[a * seq_len : b * seq_len].reshape(b - a, seq_len),
                                                   cfg.mode, pose_target_len=cfg.pose_target_len,
                                                   pose_chunks=cfg.pose_chunks, rng=rng)
+        if pad is not None:
+            labels[pad[a * seq_len : b * seq_len].reshape(b - a, seq_len)] = IGNORE_INDEX
         arrays["input_ids"][a:b], arrays["labels"][a:b], arrays["position_ids"][a:b] = ids, labels, positions
     for arr in arrays.values():
         arr.flush()
@@ -243,11 +290,16 @@ def build_packed(cfg: DataConfig, tokenizer) -> PackedDataset:
         if len(tokens) < cfg.seq_len:
             raise DataError(f"the sources give {len(tokens):,} tokens after filtering, fewer than one row of "
                             f"seq_len={cfg.seq_len:,}; add documents, lower seq_len or min_doc_tokens")
-        n_rows = _write_rows(tmp, tokens, starts, cfg)
+        pad = None
+        stream_tokens = len(tokens)
+        if cfg.whole_docs:
+            tokens, starts, pad = fit_documents(tokens, starts, cfg.seq_len, eos)
+        n_rows = _write_rows(tmp, tokens, starts, cfg, pad)
         stats = packing_stats(
             sources=source_stats, doc_lengths=np.array([len(a) for a in docs], dtype=np.int64), short_filtered=short,
-            short_filtered_tokens=short_tokens, stream_docs=len(order), stream_tokens=len(tokens), rows=n_rows,
+            short_filtered_tokens=short_tokens, stream_docs=len(order), stream_tokens=stream_tokens, rows=n_rows,
             seq_len=cfg.seq_len, mode=cfg.mode, passes=cfg.passes, specials_per_doc=2 if bos is not None else 1,
+            padding_tokens=0 if pad is None else int(pad.sum()),
         )
         write_json(tmp / "stats.json", stats, indent=2)
         write_json(tmp / META, {"key": final.name, "tokens_key": tkey, "config": cfg.model_dump(), "stats": stats},

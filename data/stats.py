@@ -4,8 +4,10 @@ Definitions (docs/data.md repeats them):
 
 - ``stream_tokens``: every token laid into the stream, BOS/EOS included, over all passes (a document repeated by a
   weight or a pass counts each time);
-- ``kept_tokens`` = ``rows * seq_len``; ``dropped_tokens`` = ``stream_tokens - kept_tokens`` (the partial tail);
-- ``efficiency`` = ``kept_tokens / stream_tokens``: nothing is padded, so the tail is the only loss;
+- ``padding_tokens``: row slots filled with padding (``whole_docs`` only; 0 otherwise);
+- ``kept_tokens`` = ``rows * seq_len - padding_tokens``; ``dropped_tokens`` = ``stream_tokens - kept_tokens`` (the
+  partial tail; 0 with ``whole_docs``, which pads its last rows instead);
+- ``efficiency`` = ``kept_tokens / (stream_tokens + padding_tokens)``: the tail (or the padding) is the only loss;
 - documents removed by ``min_doc_tokens`` are a filter, not a packing loss: counted apart (``short_filtered``).
 """
 
@@ -25,9 +27,9 @@ def length_histogram(lengths: np.ndarray) -> dict[str, int]:
 
 def packing_stats(*, sources: list[dict], doc_lengths: np.ndarray, short_filtered: int, short_filtered_tokens: int,
                   stream_docs: int, stream_tokens: int, rows: int, seq_len: int, mode: str, passes: int,
-                  specials_per_doc: int) -> dict:
+                  specials_per_doc: int, padding_tokens: int = 0) -> dict:
     """The stats dict of one build. ``doc_lengths``: content tokens of each kept distinct document."""
-    kept = rows * seq_len
+    kept = rows * seq_len - padding_tokens
     return {
         "mode": mode,
         "seq_len": seq_len,
@@ -43,8 +45,8 @@ def packing_stats(*, sources: list[dict], doc_lengths: np.ndarray, short_filtere
         "rows": rows,
         "kept_tokens": kept,
         "dropped_tokens": stream_tokens - kept,
-        "padding_tokens": 0,
-        "efficiency": kept / stream_tokens if stream_tokens else 0.0,
+        "padding_tokens": padding_tokens,
+        "efficiency": kept / (stream_tokens + padding_tokens) if stream_tokens else 0.0,
         "doc_length_histogram": length_histogram(doc_lengths),
     }
 
@@ -64,8 +66,8 @@ def format_stats(stats: dict) -> str:
         f"{stats['short_filtered']:,} ({stats['short_filtered_tokens']:,} tokens)",
         f"  stream {stats['stream_tokens']:,} tokens ({stats['stream_documents']:,} documents, "
         f"{stats['special_tokens']:,} of them BOS/EOS)",
-        f"  kept {stats['kept_tokens']:,}, dropped tail {stats['dropped_tokens']:,}, padding 0; "
-        f"efficiency {100 * stats['efficiency']:.3f}%",
+        f"  kept {stats['kept_tokens']:,}, dropped tail {stats['dropped_tokens']:,}, padding "
+        f"{stats['padding_tokens']:,}; efficiency {100 * stats['efficiency']:.3f}%",
         "  document lengths (tokens): " + ", ".join(f"{k} {v}" for k, v in stats["doc_length_histogram"].items()),
     ]
     return "\n".join(lines)

@@ -55,6 +55,19 @@ def test_bad_source_exits_with_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: file not found: {tmp_path / 'missing.jsonl'}"
     assert main(["pack", "--model", "tiny-llama", "--mode", "pose", "--seq-len", "64"]) == 2
     assert capsys.readouterr().err.strip() == "error: mode pose needs pose_target_len > seq_len (64), got None"
+    assert main(["pack", "--model", "tiny-llama", "--whole-docs", "--seq-len", "64"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: whole_docs needs mode: reset (mode is concat;")
+
+
+def test_whole_docs_from_the_command_line(tmp_path, capsys):
+    """The bundled books (7 documents, each longer than a row) at 65,536 tokens, whole: full rows of each book, the
+    books' rests fitted into rows and padded; nothing dropped, the padding counted and printed."""
+    assert main(["pack", "--model", "tiny-llama", "--mode", "reset", "--whole-docs", "--seq-len", "65536",
+                 "--cache-dir", str(tmp_path / "c"), "--stats-out", str(tmp_path / "s.json")]) == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["dropped_tokens"] == 0 and stats["kept_tokens"] == stats["stream_tokens"]
+    assert stats["padding_tokens"] == stats["rows"] * 65536 - stats["stream_tokens"] > 0
+    assert f"padding {stats['padding_tokens']:,}" in capsys.readouterr().err
 
 
 def test_source_syntax():

@@ -12,7 +12,7 @@ import pytest
 
 from data.config import DataConfig, SourceSpec
 from data.corpus import load_corpus
-from data.pack import IGNORE_INDEX, build_packed, pose_positions
+from data.pack import IGNORE_INDEX, build_packed, fit_documents, lay_stream, pose_positions
 from data.stats import length_histogram
 from models.load import load_tokenizer
 
@@ -176,6 +176,69 @@ def test_weights_and_passes_repeat_documents(tiny_case, tmp_path):
     total_a, total_b = sum(found[k] for k in a), sum(found[k] for k in b)
     assert 240 - 3 <= total_a <= 240 and 60 - 3 <= total_b <= 60 and total_a + total_b >= 297
     assert sum(1 for k in b if found[k]) > 20, "each pass should draw its own half of B"
+
+
+def whole_in_rows(ds, eos: int) -> Counter:
+    """Documents (``doc EOS``, int32 bytes) found complete inside one row, padding (EOS with label -100) left out."""
+    ids, labels = np.asarray(ds.arrays["input_ids"]), np.asarray(ds.arrays["labels"])
+    real = ~((ids == eos) & (labels == IGNORE_INDEX))
+    flat, row_of = ids[real], np.nonzero(real)[0]
+    cuts = np.union1d(np.flatnonzero(flat == eos) + 1, np.flatnonzero(np.diff(row_of)) + 1)  # after EOS, at rows
+    return Counter(p.tobytes() for p in np.split(flat, cuts) if len(p) and p[-1] == eos)
+
+
+def test_whole_docs_keeps_every_document_that_fits_in_one_row(tiny_case):
+    """Persuasion paragraphs (byte tokens) in 2,048-token rows: cut from the stream, many documents that fit in a
+    row straddle two; with whole_docs every one of them is whole in one row, nothing is lost or invented, and the
+    padding is counted, ignored by the loss, at the rows' ends, its positions from 0."""
+    eos, seq_len = tiny_case["tok"].eos_token_id, 2048
+    fits = Counter({k: n for k, n in tiny_case["expected"].items() if len(k) // 4 <= seq_len})
+    assert len(fits) > 50 and len(fits) < len(tiny_case["expected"])  # both kinds present
+
+    def build(**kw):
+        return build_packed(DataConfig(sources=tiny_case["sources"], seq_len=seq_len, mode="reset",
+                                       cache_dir=tiny_case["cache"], **kw), tiny_case["tok"])
+
+    stream, whole = build(), build(whole_docs=True, block_cross_doc=True)
+    assert fits - whole_in_rows(stream, eos), "the stream packer should cut some of them (else this tests nothing)"
+    assert not fits - whole_in_rows(whole, eos)
+    ids, labels, pos = (np.asarray(whole.arrays[k]) for k in ("input_ids", "labels", "position_ids"))
+    pad = (ids == eos) & (labels == IGNORE_INDEX)
+    st = whole.stats
+    assert pad.sum() == st["padding_tokens"] > 0 and st["dropped_tokens"] == 0
+    assert (~pad).sum() == st["kept_tokens"] == st["stream_tokens"] == stream.stats["stream_tokens"]
+    assert st["efficiency"] == st["kept_tokens"] / (st["stream_tokens"] + st["padding_tokens"]) > 0.8
+    for row, p, q in zip(ids, pad, pos):
+        n = int(p.sum())
+        assert not p[: seq_len - n].any(), "padding only at the row's end"
+        if n:
+            assert (q[seq_len - n :] == np.arange(n)).all() and row[seq_len - n - 1] == eos
+
+
+def test_fit_documents_first_fit_properties():
+    """Random documents of 1-40 tokens (and one of 75) into rows of 16 with 1-5 open rows: every token once;
+    each document that fits (with its EOS) inside one row, contiguous; a longer one fills whole rows but its rest."""
+    rng = np.random.default_rng(0)
+    for max_open in (1, 2, 5):
+        docs = [np.full(n, 10 + i, np.int32) for i, n in enumerate(rng.integers(1, 40, size=150))]
+        docs.append(np.full(75, 9, np.int32))
+        tokens, starts = lay_stream(docs, rng.permutation(len(docs)), None, 1)
+        out, new_starts, pad = fit_documents(tokens, starts, 16, pad_id=1, max_open=max_open)
+        assert len(out) % 16 == 0 and (out[pad] == 1).all() and (~pad).sum() == len(tokens)
+        rows = out.reshape(-1, 16)
+        for d in docs:
+            at = np.flatnonzero(out == d[0])
+            if len(d) + 1 <= 16:  # the document and its EOS
+                assert len(set(at // 16)) == 1 and (np.diff(at) == 1).all()
+            else:
+                full = -(-(len(d) + 1) // 16) - 1
+                assert (rows == d[0]).all(axis=1).sum() == full, "a long document fills whole rows but its rest"
+        assert np.isin(np.flatnonzero(~pad & (np.roll(out, 1) == 1)), new_starts).all()
+
+
+def test_whole_docs_needs_reset():
+    with pytest.raises(ValueError, match="whole_docs needs mode: reset"):
+        DataConfig(seq_len=512, mode="concat", whole_docs=True)
 
 
 def test_pose_positions_follow_the_paper_bounds():
