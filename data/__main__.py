@@ -19,9 +19,9 @@ from utils.schema import validate
 def pack(args: argparse.Namespace) -> int:
     cfg = validate(DataConfig, dict(
         sources=[parse_source(s) for s in args.source or ["bundled:train"]], seq_len=args.seq_len, mode=args.mode,
-        block_cross_doc=args.block_cross_doc, whole_docs=args.whole_docs, pose_target_len=args.pose_target_len, pose_chunks=args.pose_chunks,
-        min_doc_tokens=args.min_doc_tokens, passes=args.passes, add_bos=args.add_bos, seed=args.seed,
-        cache_dir=args.cache_dir, num_proc=args.num_proc), DataError, "data setting")
+        block_cross_doc=args.block_cross_doc, whole_docs=args.whole_docs, pose_target_len=args.pose_target_len,
+        pose_chunks=args.pose_chunks, min_doc_tokens=args.min_doc_tokens, passes=args.passes, add_bos=args.add_bos,
+        seed=args.seed, cache_dir=args.cache_dir, num_proc=args.num_proc), DataError, "data setting")
     ds = build_packed(cfg, load_tokenizer(args.model))
     print(f"packed set: {ds.path} ({len(ds):,} rows; stats in {ds.path / 'stats.json'})")
     if args.stats_out:
